@@ -1,0 +1,3 @@
+"""Bias-free TopK sparse autoencoders and a streaming, resumable trainer."""
+
+__version__ = "0.1.0"
