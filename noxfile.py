@@ -108,7 +108,7 @@ def integration(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """Ruff lint and format check."""
-    session.install("ruff>=0.12")
+    _sync(session, "--only-group=dev")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
