@@ -1,0 +1,344 @@
+"""Official checkpoint loader: hashes, safe loading, clear errors, cache, safetensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcos_layers import pretrained as P
+
+
+def _tiny_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv1.linear.weight": torch.randn(4, 6, 3, 3, generator=g),
+        "bn1.weight": torch.rand(4, generator=g),
+        "bn1.running_var": torch.rand(4, generator=g) + 0.5,
+        "bn1.num_batches_tracked": torch.tensor(7),
+    }
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_hashed(obj: object, directory: Path, stem: str = "tiny") -> Path:
+    """torch.save ``obj`` and name the file ``<stem>-<sha256[:10]>.pth`` like the release."""
+    tmp = directory / f"{stem}.tmp"
+    torch.save(obj, tmp)
+    final = directory / f"{stem}-{_sha(tmp)[:10]}.pth"
+    tmp.rename(final)
+    return final
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------- table
+
+
+def test_official_table_matches_release() -> None:
+    assert set(P.OFFICIAL_CHECKPOINTS) == {
+        "resnet50",
+        "resnet50_long",
+        "densenet121",
+        "densenet121_long",
+        "vitc_s_patch1_14",
+    }
+    expected_files = {
+        "resnet50": "resnet_50-ead259efe4.pth",
+        "resnet50_long": "resnet_50_long-ef38a88533.pth",
+        "densenet121": "densenet_121-b8daf96afb.pth",
+        "densenet121_long": "densenet_121_long-5175461597.pth",
+        "vitc_s_patch1_14": "bcos_vitc_s_patch1_14-cf55c88f0c.pth",
+    }
+    for name, ckpt in P.OFFICIAL_CHECKPOINTS.items():
+        assert ckpt.name == name
+        assert ckpt.filename == expected_files[name]
+        assert ckpt.url == (
+            "https://github.com/B-cos/B-cos-v2/releases/download/v0.0.1-weights/" + ckpt.filename
+        )
+        assert ckpt.filename.endswith(f"-{ckpt.sha256_prefix}.pth")
+        assert len(ckpt.sha256_prefix) == 10
+        assert ckpt.resize_size == (232 if name.endswith("_long") else 256)
+        assert ckpt.arch == name.removesuffix("_long")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        P.OFFICIAL_CHECKPOINTS["resnet50"].url = "x"  # type: ignore[misc]
+
+
+def test_official_urls_agree_with_bcos_library() -> None:
+    from bcos.models.pretrained import URLS
+
+    assert P.OFFICIAL_CHECKPOINTS["resnet50"].url == URLS["bcos_final"]["resnet_50"]
+    assert P.OFFICIAL_CHECKPOINTS["densenet121"].url == URLS["bcos_final"]["densenet_121"]
+    assert P.OFFICIAL_CHECKPOINTS["resnet50_long"].url == URLS["bcos_final_long"]["resnet_50"]
+    assert (
+        P.OFFICIAL_CHECKPOINTS["densenet121_long"].url == URLS["bcos_final_long"]["densenet_121"]
+    )
+    assert (
+        P.OFFICIAL_CHECKPOINTS["vitc_s_patch1_14"].url == URLS["vit_final"]["bcos_vitc_s_patch1_14"]
+    )
+
+
+def test_unknown_name_lists_available() -> None:
+    with pytest.raises(ValueError, match=r"resnet50_long"):
+        P.load_official_state_dict("resnet18")
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def test_local_file_with_hash_in_name_loads_exactly(tmp_path: Path) -> None:
+    state = _tiny_state()
+    path = _save_hashed(state, tmp_path)
+    with pytest.warns(UserWarning, match="not the official 'resnet50' release file"):
+        loaded = P.load_official_state_dict("resnet50", file=path)
+    _assert_same(loaded, state)
+    assert all(v.device.type == "cpu" for v in loaded.values())
+
+
+def test_wrong_hash_in_name_is_rejected_with_file_and_digests(tmp_path: Path) -> None:
+    path = tmp_path / "resnet_50-ead259efe4.pth"  # the official name, but other content
+    torch.save(_tiny_state(), path)
+    with pytest.raises(P.CheckpointHashError) as info:
+        P.load_official_state_dict("resnet50", file=path)
+    msg = str(info.value)
+    assert str(path) in msg and "ead259efe4" in msg and _sha(path) in msg
+
+
+def test_truncated_file_is_reported_as_truncated(tmp_path: Path) -> None:
+    path = _save_hashed(_tiny_state(), tmp_path)
+    data = path.read_bytes()
+    # Truncated under its original name: the hash catches it.
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(P.CheckpointHashError, match=path.name):
+        P.load_official_state_dict("resnet50", file=path)
+    # Truncated and renamed to match (or not hash-checked): torch.load fails -> clear error.
+    half = data[: len(data) // 2]
+    renamed = tmp_path / f"trunc-{hashlib.sha256(half).hexdigest()[:10]}.pth"
+    renamed.write_bytes(half)
+    with pytest.raises(P.CheckpointError, match="truncated or corrupt") as info:
+        P.load_official_state_dict("resnet50", file=renamed)
+    assert str(renamed) in str(info.value)
+    with pytest.raises(P.CheckpointError, match="truncated or corrupt"):
+        P.load_official_state_dict("resnet50", file=path, check_hash=False)
+
+
+class _Evil:
+    """Unpickling this would create a marker file: weights_only must never run it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_object_is_rejected_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = _save_hashed({"weight": torch.zeros(2), "evil": _Evil(str(marker))}, tmp_path)
+    with pytest.raises(P.CheckpointError, match="refusing to load") as info:
+        P.load_official_state_dict("resnet50", file=path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    # The oracle: a full unpickle would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        ({"weight": torch.zeros(2), "step": 3}, r"non-tensor values \('step': int\)"),
+        ([torch.zeros(2)], "holds a list, not a state dict"),
+        ({"state_dict": {"model.w": torch.zeros(1)}, "epoch": 1}, "training checkpoint"),
+        ({1: torch.zeros(1)}, "non-string keys"),
+    ],
+)
+def test_not_a_dict_of_tensors(tmp_path: Path, obj: object, match: str) -> None:
+    path = _save_hashed(obj, tmp_path)
+    with pytest.raises(P.CheckpointError, match=match):
+        P.load_official_state_dict("densenet121", file=path)
+
+
+def test_file_without_hash_needs_explicit_decision(tmp_path: Path) -> None:
+    state = _tiny_state()
+    path = tmp_path / "my_weights.pth"
+    torch.save(state, path)
+    with pytest.raises(P.CheckpointError, match=r"sha256=.*check_hash=False"):
+        P.load_official_state_dict("resnet50", file=path)
+    with pytest.warns(UserWarning):
+        _assert_same(P.load_official_state_dict("resnet50", file=path, sha256=_sha(path)), state)
+    with pytest.warns(UserWarning):
+        _assert_same(
+            P.load_official_state_dict("resnet50", file=path, sha256=_sha(path)[:12].upper()),
+            state,
+        )
+    _assert_same(P.load_official_state_dict("resnet50", file=path, check_hash=False), state)
+    with pytest.raises(P.CheckpointHashError):
+        P.load_official_state_dict("resnet50", file=path, sha256="0" * 64)
+    with pytest.raises(ValueError, match="hexadecimal"):
+        P.load_official_state_dict("resnet50", file=path, sha256="xyz")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope-0123456789\.pth"):
+        P.load_official_state_dict("resnet50", file=tmp_path / "nope-0123456789.pth")
+
+
+# --------------------------------------------------------------------------- download + cache
+
+
+@pytest.fixture
+def fake_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Point 'resnet50' at a file:// URL of a tiny state dict; cache under TORCH_HOME."""
+    src_dir = tmp_path / "release"
+    src_dir.mkdir()
+    state = _tiny_state()
+    src = _save_hashed(state, src_dir, "resnet_50")
+    sha = src.name.removesuffix(".pth").rsplit("-", 1)[1]
+    fake = dataclasses.replace(
+        P.OFFICIAL_CHECKPOINTS["resnet50"], url=src.as_uri(), filename=src.name, sha256_prefix=sha
+    )
+    monkeypatch.setitem(P.OFFICIAL_CHECKPOINTS, "resnet50", fake)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return state, src, fake
+
+
+def test_cache_dir_honours_torch_home(fake_release, tmp_path: Path) -> None:
+    assert P.checkpoint_dir() == tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert P.checkpoint_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_download_then_cache(fake_release, tmp_path: Path) -> None:
+    state, src, fake = fake_release
+    loaded = P.load_official_state_dict("resnet50", progress=False)
+    _assert_same(loaded, state)
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / fake.filename
+    assert cached.read_bytes() == src.read_bytes()
+    assert [p.name for p in cached.parent.iterdir()] == [fake.filename]  # no temp files left
+    release = src.read_bytes()
+    src.unlink()  # the second load must come from the cache
+    _assert_same(P.load_official_state_dict("resnet50", progress=False), state)
+    # A corrupted cache file is detected, and force=True downloads again.
+    cached.write_bytes(release[:-10])
+    with pytest.raises(P.CheckpointHashError, match=str(cached)):
+        P.load_official_state_dict("resnet50", progress=False)
+    src.write_bytes(release)
+    assert P.download_official("resnet50", progress=False, force=True) == cached
+    assert cached.read_bytes() == release
+
+
+def test_download_with_bad_hash_leaves_nothing(fake_release, tmp_path: Path, monkeypatch) -> None:
+    _, _, fake = fake_release
+    bad = dataclasses.replace(fake, sha256_prefix="0123456789")
+    monkeypatch.setitem(P.OFFICIAL_CHECKPOINTS, "resnet50", bad)
+    with pytest.raises(P.CheckpointHashError, match="0123456789"):
+        P.load_official_state_dict("resnet50", progress=False)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_download_failure_suggests_local_file(fake_release, tmp_path: Path, monkeypatch) -> None:
+    _, _, fake = fake_release
+    gone = dataclasses.replace(fake, url=(tmp_path / "missing.pth").as_uri())
+    monkeypatch.setitem(P.OFFICIAL_CHECKPOINTS, "resnet50", gone)
+    with pytest.raises(P.CheckpointError, match="file=<path>"):
+        P.load_official_state_dict("resnet50", progress=False)
+
+
+def test_hash_arguments_only_for_local_files() -> None:
+    with pytest.raises(ValueError, match="local file"):
+        P.load_official_state_dict("resnet50", sha256="0" * 10)
+    with pytest.raises(ValueError, match="local file"):
+        P.load_official_state_dict("resnet50", check_hash=False)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    state = _tiny_state()
+    path = _save_hashed(state, tmp_path)
+    out = P.convert_to_safetensors(path, tmp_path / "st", arch="resnet50")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "resnet50" and config["source_sha256"] == _sha(path)
+    loaded = P.load_safetensors_checkpoint(out)
+    assert loaded.arch == "resnet50"
+    _assert_same(loaded.state_dict, state)
+    _assert_same(P.load_safetensors_checkpoint(out / "model.safetensors").state_dict, state)
+    with pytest.raises(P.CheckpointError, match="not 'densenet121'"):
+        P.load_safetensors_checkpoint(out, arch="densenet121")
+
+
+def test_convert_needs_arch_unless_release_name(tmp_path: Path) -> None:
+    path = _save_hashed(_tiny_state(), tmp_path)
+    with pytest.raises(ValueError, match="arch="):
+        P.convert_to_safetensors(path, tmp_path / "st")
+    with pytest.raises(FileNotFoundError, match="neither an official checkpoint name"):
+        P.convert_to_safetensors(tmp_path / "nothing.pth", tmp_path / "st")
+
+
+def test_convert_official_name_uses_cache(fake_release, tmp_path: Path) -> None:
+    state, _, fake = fake_release
+    out = P.convert_to_safetensors("resnet50", tmp_path / "st", progress=False)
+    loaded = P.load_safetensors_checkpoint(out, arch="resnet50")
+    _assert_same(loaded.state_dict, state)
+    assert loaded.config["checkpoint"] == "resnet50" and loaded.config["source"] == fake.url
+    with pytest.raises(ValueError, match="holds 'resnet50' weights"):
+        P.convert_to_safetensors("resnet50", tmp_path / "st2", arch="densenet121")
+
+
+def test_safetensors_loader_is_strict(tmp_path: Path) -> None:
+    out = P.convert_to_safetensors(
+        _save_hashed(_tiny_state(), tmp_path), tmp_path / "st", arch="resnet50"
+    )
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "arch": "densenet121"}))
+    with pytest.raises(P.CheckpointError, match="written for arch 'resnet50'"):
+        P.load_safetensors_checkpoint(out)
+    config_path.write_text(json.dumps({"arch": "resnet50"}))
+    with pytest.raises(P.CheckpointError, match="not a bcos-layers checkpoint config"):
+        P.load_safetensors_checkpoint(out)
+    config_path.write_text(json.dumps(config))
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(P.CheckpointError, match="truncated"):
+        P.load_safetensors_checkpoint(out)
+    config_path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        P.load_safetensors_checkpoint(out)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert P.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(c.url in listed for c in P.OFFICIAL_CHECKPOINTS.values())
+    path = _save_hashed(_tiny_state(), tmp_path)
+    assert P.main(["convert", str(path), str(tmp_path / "cli"), "--arch", "densenet121"]) == 0
+    assert P.load_safetensors_checkpoint(tmp_path / "cli").arch == "densenet121"
+
+
+# --------------------------------------------------------------------------- online (opt-in)
+
+
+@pytest.mark.skipif(
+    os.environ.get("FACT_ONLINE_TESTS") != "1", reason="downloads ~100 MB; set FACT_ONLINE_TESTS=1"
+)
+def test_online_download_real_checkpoint() -> None:
+    state = P.load_official_state_dict("densenet121")
+    assert len(state) == 605
+    assert state["features.conv0.linear.weight"].shape == (64, 6, 7, 7)
+    assert state["classifier.linear.weight"].shape == (1000, 1024, 1, 1)
