@@ -1,0 +1,273 @@
+"""The paper's concept-deletion protocol as one resumable function (FaCT App. F).
+
+50 random classes x 8 test images each (seeds fixed); for every measure, each image's
+concepts are deleted in order of decreasing importance and the target (top-1) logit and the
+accuracy over all images are followed. Each class's result is written atomically to
+``<out_dir>/classes/<class>.json`` as soon as it is done, so an interrupted run resumes where it
+stopped; the merged curves go to ``<out_dir>/deletion.json`` and CSVs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from concept_deletion.deletion import CurveResult, Mode, Schedule, Score, deletion_curve
+from concept_deletion.head import ConceptModel
+from concept_deletion.importance import (
+    ImportanceConfig,
+    Measure,
+    class_importance,
+    expand_class_importance,
+    local_importance,
+)
+from concept_deletion.layout import Layout, check_codes
+from concept_deletion.output import (
+    curves_from_json,
+    curves_to_json,
+    read_json,
+    save_curves,
+    write_atomic,
+)
+
+__all__ = ["Ordering", "ProtocolConfig", "always_on_concepts", "paper_protocol", "select_images"]
+
+
+class Ordering(StrEnum):
+    """Rank concepts per image (local) or by the class mean of the importances (global)."""
+
+    LOCAL = "local"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Settings of :func:`paper_protocol` (defaults: the paper's App. F).
+
+    Attributes:
+        n_classes: number of randomly drawn classes (paper: 50).
+        per_class: images per class (paper: 8 test images).
+        seed: seed of the class and image draw.
+        measures: importance measures to compare (``'contribution'`` needs ``contributions``).
+        orderings: ``'local'`` (per-image ranking) and/or ``'global'`` (class-mean ranking).
+        modes: ``'deletion'`` and/or ``'insertion'``.
+        target: explained logit, ``'predicted'`` (top-1, as the paper) or ``'label'``.
+        score: follow the target ``'logit'`` (paper) or its ``'probability'``.
+        schedule: counts of deleted concepts (``'all'`` for small K; ``'geometric'`` or
+            ``'linear'`` with ``n_steps`` for large K).
+        n_steps: number of steps of a geometric or linear schedule.
+        importance: settings of the measures (Sobol designs, IG steps, memory budget, ...).
+    """
+
+    n_classes: int = 50
+    per_class: int = 8
+    seed: int = 0
+    measures: tuple[str, ...] = ("contribution", "saliency", "sobol", "random")
+    orderings: tuple[str, ...] = ("local",)
+    modes: tuple[str, ...] = ("deletion",)
+    target: str = "predicted"
+    score: str = "logit"
+    schedule: str = "geometric"
+    n_steps: int = 50
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+
+    def validate(self) -> None:
+        for m in self.measures:
+            Measure.parse(m)
+        for o in self.orderings:
+            Ordering(o)
+        for m in self.modes:
+            Mode(m)
+        Score(self.score)
+        Schedule(self.schedule)
+        if self.target not in ("predicted", "label"):
+            raise ValueError(f"target must be 'predicted' or 'label', got {self.target!r}")
+        if self.n_classes < 1 or self.per_class < 1:
+            raise ValueError("n_classes and per_class must be >= 1")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def select_images(
+    labels: Sequence[int] | np.ndarray, n_classes: int = 50, per_class: int = 8, seed: int = 0
+) -> dict[int, list[int]]:
+    """Draw ``n_classes`` classes with at least ``per_class`` images, and ``per_class`` images of
+    each (dataset indices, sorted), reproducibly from ``seed``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    eligible = classes[counts >= per_class]
+    if eligible.size < n_classes:
+        raise ValueError(
+            f"only {eligible.size} classes have >= {per_class} images; lower n_classes "
+            f"({n_classes}) or per_class"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(eligible, size=n_classes, replace=False))
+    out = {}
+    for c in chosen:
+        idx = np.flatnonzero(labels == c)
+        out[int(c)] = sorted(int(i) for i in rng.choice(idx, size=per_class, replace=False))
+    return out
+
+
+def always_on_concepts(codes: Tensor, layout: Layout | str, min_fraction: float = 1.0) -> Tensor:
+    """Indices of concepts active (non-zero somewhere) in at least ``min_fraction`` of the images.
+
+    With ``min_fraction=1`` these are the "always-on" concepts of App. F (Fig. F2), which can be
+    protected from deletion.
+    """
+    layout = check_codes(codes, layout)
+    k_dim = layout.concept_dim
+    other = tuple(d for d in range(1, codes.ndim) if d != k_dim)
+    active = codes != 0
+    if other:
+        active = active.any(dim=other)
+    frac = active.double().mean(dim=0)
+    return torch.nonzero(frac >= min_fraction - 1e-12).flatten()
+
+
+def _dataset_labels(dataset: Any) -> list[int]:
+    for attr in ("targets", "labels"):
+        if hasattr(dataset, attr):
+            return [int(x) for x in getattr(dataset, attr)]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def _run_class(
+    model: ConceptModel,
+    images: Tensor,
+    labels: Tensor,
+    layout: Layout,
+    config: ProtocolConfig,
+    contributions: Callable[[Tensor, Tensor], Tensor] | None,
+    protected: Tensor | None,
+) -> list[CurveResult]:
+    with torch.no_grad():
+        codes = model.codes(images)
+        check_codes(codes, layout)
+        logits = model.head(codes)
+    targets = logits.argmax(dim=1) if config.target == "predicted" else labels
+    out = []
+    for name in config.measures:
+        measure = Measure.parse(name)
+        contrib = None
+        if measure is Measure.CONTRIBUTION:
+            if contributions is None:
+                raise ValueError("measure 'contribution' needs the `contributions` callable")
+            contrib = contributions(codes, targets)
+        imp = local_importance(
+            measure, model.head, codes, targets, layout, config.importance, contrib
+        )
+        for ordering in config.orderings:
+            ranked = imp
+            if Ordering(ordering) is Ordering.GLOBAL:
+                ranked = expand_class_importance(*class_importance(imp, labels), labels)
+            for mode in config.modes:
+                curve = deletion_curve(
+                    model.head,
+                    codes,
+                    targets,
+                    ranked,
+                    layout,
+                    labels=labels,
+                    protected=protected,
+                    mode=mode,
+                    schedule=config.schedule,
+                    n_steps=config.n_steps,
+                    score=config.score,
+                    measure=f"{measure.value}/{ordering}",
+                    max_elements=config.importance.max_elements,
+                )
+                out.append(curve)
+    return out
+
+
+def paper_protocol(
+    dataset: Any,
+    model: ConceptModel,
+    layout: Layout | str,
+    out_dir: str | os.PathLike[str],
+    config: ProtocolConfig = ProtocolConfig(),
+    *,
+    labels: Sequence[int] | None = None,
+    contributions: Callable[[Tensor, Tensor], Tensor] | None = None,
+    protected: Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[CurveResult]:
+    """Run the paper's concept-deletion evaluation; resumable; returns the merged curves.
+
+    Args:
+        dataset: indexable, ``dataset[i] -> (image, label)``; an image may also be a cached
+            code if ``model.codes`` is the identity. Labels are read from ``labels``, else
+            ``dataset.targets``/``.labels``, else by indexing every item.
+        model: a :class:`ConceptModel` (``codes(images)`` and ``head(codes)``).
+        layout: layout of the codes (``'BKHW'``, ``'BTK'``, ``'BK'``).
+        out_dir: results folder (per-class files, merged JSON/CSV).
+        config: the protocol settings.
+        contributions: ``(codes, targets) -> tensor`` of model-inherent contributions (FaCT
+            Eq. 9), shaped like the codes or ``(B, K)``; needed for measure ``'contribution'``.
+        protected: concepts never deleted (e.g. :func:`always_on_concepts` of training codes).
+        device: where images are sent before ``model.codes``.
+    """
+    config.validate()
+    layout = Layout.parse(layout)
+    out = Path(out_dir)
+    labels_list = list(labels) if labels is not None else _dataset_labels(dataset)
+    if len(labels_list) != len(dataset):
+        raise ValueError(f"{len(labels_list)} labels for a dataset of {len(dataset)} items")
+    selection = select_images(labels_list, config.n_classes, config.per_class, config.seed)
+    meta = _jsonable(
+        {
+            "config": dataclasses.asdict(config),
+            "layout": layout.value,
+            "protected": None if protected is None else torch.as_tensor(protected).tolist(),
+            "selection": {str(k): v for k, v in selection.items()},
+        }
+    )
+    meta_path = out / "protocol.json"
+    if meta_path.exists():
+        if read_json(meta_path) != json.loads(json.dumps(meta)):
+            raise ValueError(
+                f"{meta_path} was written with other settings or another dataset; use a new "
+                "out_dir or delete the old results"
+            )
+    else:
+        write_atomic(meta_path, json.dumps(meta, indent=1))
+    merged: dict[tuple[str, str], CurveResult] = {}
+    for cls, indices in tqdm(selection.items(), desc="classes", disable=not progress):
+        path = out / "classes" / f"{cls}.json"
+        if path.exists():
+            curves = curves_from_json(path.read_text(encoding="utf-8"))
+        else:
+            images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
+            if device is not None:
+                images = images.to(device)
+            y = torch.as_tensor([labels_list[i] for i in indices], device=images.device)
+            curves = _run_class(model, images, y, layout, config, contributions, protected)
+            write_atomic(path, curves_to_json(curves))
+        for c in curves:
+            key = (c.measure, c.mode)
+            merged[key] = merged[key].merge(c) if key in merged else c
+    result = list(merged.values())
+    save_curves(result, out)
+    return result
