@@ -1,0 +1,152 @@
+"""DINOv2 patch features through ``transformers`` (the low-resolution stage of the C2 features).
+
+The features are the final-LayerNorm-ed patch tokens of the last block -- in ``transformers``
+``last_hidden_state`` is already layer-normed, so this is the analogue of torch-hub DINOv2's
+``x_norm_patchtokens`` that LoftUp was trained on -- with the CLS token and any register tokens
+dropped, reshaped to a (B, D, h, w) grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+
+from c2score.features.base import check_rgb_images, imagenet_normalize
+
+DEFAULT_DINOV2 = "facebook/dinov2-small"
+"""The backbone of the paper's C2-score (ViT-S/14, D = 384)."""
+
+_MODEL_CLASSES: dict[str, type[Dinov2Model] | type[Dinov2WithRegistersModel]] = {
+    "dinov2": Dinov2Model,
+    "dinov2_with_registers": Dinov2WithRegistersModel,
+}
+
+
+def hub_kwargs(
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> dict[str, Any]:
+    """The Hugging Face download options that were actually given (None means library default)."""
+    out: dict[str, Any] = {"local_files_only": local_files_only}
+    if revision is not None:
+        out["revision"] = revision
+    if cache_dir is not None:
+        out["cache_dir"] = str(cache_dir)
+    if token is not None:
+        out["token"] = token
+    return out
+
+
+class Dinov2PatchFeatures(nn.Module):
+    """DINOv2 (with or without registers) as a :class:`~c2score.features.base.PatchBackbone`.
+
+    Input: [0, 1] RGB ``images_B3HW``; ImageNet normalisation is applied inside. Output:
+    ``feats_BDhw`` in float32 on the model's device, ``(h, w) = grid_size(H, W)``.
+
+    Sizes that are not a multiple of the patch size: the image is bilinearly resized (with
+    antialiasing) to the nearest multiple in each direction before the ViT, so the patch grid
+    covers the *whole* image and stays aligned with it when the features are upsampled back to
+    (H, W). (Feeding it as is would make the stride-p patch convolution silently drop the last
+    H mod p rows and W mod p columns, shifting the grid relative to the image; cropping would
+    do the same.) Sizes that are multiples are used unchanged; ``transformers`` interpolates
+    the position embeddings to any grid. Images smaller than one patch are refused.
+    """
+
+    def __init__(self, model: Dinov2Model | Dinov2WithRegistersModel) -> None:
+        super().__init__()
+        if not isinstance(model, (Dinov2Model, Dinov2WithRegistersModel)):
+            raise TypeError(
+                "expected a transformers Dinov2Model or Dinov2WithRegistersModel, got "
+                f"{type(model).__name__}"
+            )
+        patch = model.config.patch_size
+        if not isinstance(patch, int):
+            raise ValueError(f"only square integer patch sizes are supported, got {patch!r}")
+        self.model = model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | Path = DEFAULT_DINOV2,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> Dinov2PatchFeatures:
+        """Load a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` Hub id or local directory.
+
+        The class is chosen from the checkpoint's ``config.json`` (``model_type``); checkpoints
+        of task models (e.g. ``Dinov2ForImageClassification``) load their backbone.
+        """
+        kwargs = hub_kwargs(
+            revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        config = AutoConfig.from_pretrained(str(model_id_or_path), **kwargs)
+        model_cls = _MODEL_CLASSES.get(config.model_type)
+        if model_cls is None:
+            raise ValueError(
+                f"{str(model_id_or_path)!r} is a {config.model_type!r} model; expected a DINOv2 "
+                f"checkpoint (model_type one of {sorted(_MODEL_CLASSES)}), e.g. {DEFAULT_DINOV2!r}"
+            )
+        model = model_cls.from_pretrained(str(model_id_or_path), config=config, **kwargs)
+        return cls(model)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension D (``hidden_size``: 384 for ViT-S)."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def patch_size(self) -> int:
+        """ViT patch size p in pixels (14 for the released DINOv2 models)."""
+        return int(self.model.config.patch_size)
+
+    @property
+    def num_register_tokens(self) -> int:
+        """Register tokens between CLS and the patches (0 without registers, 4 in releases)."""
+        if isinstance(self.model, Dinov2WithRegistersModel):
+            return int(self.model.config.num_register_tokens)
+        return 0
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (h, w) for an H x W image: the nearest whole number of patches, >= 1."""
+        p = self.patch_size
+        if height < p or width < p:
+            raise ValueError(
+                f"image of {height}x{width} pixels is smaller than one DINOv2 patch ({p}x{p}); "
+                f"resize images to at least {p} pixels per side (DINOv2 was trained at 224)"
+            )
+        return int(height / p + 0.5), int(width / p + 0.5)
+
+    @torch.no_grad()
+    def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        """Patch features ``feats_BDhw`` of [0, 1] RGB images (see the class docstring)."""
+        check_rgb_images(images_B3HW)
+        b, _, height, width = images_B3HW.shape
+        h, w = self.grid_size(height, width)
+        p = self.patch_size
+        param = next(self.model.parameters())
+        x = images_B3HW.to(device=param.device, dtype=torch.float32)
+        if (h * p, w * p) != (height, width):
+            x = F.interpolate(
+                x, size=(h * p, w * p), mode="bilinear", align_corners=False, antialias=True
+            )
+        x = imagenet_normalize(x).to(param.dtype)
+        tokens_BTD = self.model(pixel_values=x).last_hidden_state
+        skip = 1 + self.num_register_tokens
+        if tokens_BTD.shape[1] != skip + h * w:
+            raise RuntimeError(
+                f"DINOv2 returned {tokens_BTD.shape[1]} tokens; expected 1 CLS + "
+                f"{self.num_register_tokens} registers + {h}x{w} patches"
+            )
+        patches_BND = tokens_BTD[:, skip:].float()
+        return patches_BND.reshape(b, h, w, self.dim).permute(0, 3, 1, 2).contiguous()
