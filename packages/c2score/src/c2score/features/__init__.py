@@ -26,7 +26,6 @@ from c2score.features.loftup import (
     load_loftup,
     read_state_dict,
 )
-from c2score.features.oracle import IndexedFeatureExtractor, OracleFeatures
 from c2score.features.registry import (
     DEFAULT_SPEC,
     DINOV2_MODELS,
@@ -54,12 +53,10 @@ __all__ = [
     "BilinearUpsampler",
     "Dinov2PatchFeatures",
     "HubOptions",
-    "IndexedFeatureExtractor",
     "LoftUp",
     "LoftUpCheckpointError",
     "LoftUpUpsampler",
     "LoftUpWithChannelNorm",
-    "OracleFeatures",
     "PatchBackbone",
     "PixelFeatureExtractor",
     "TwoStageFeatureExtractor",
