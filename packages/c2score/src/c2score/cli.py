@@ -1,14 +1,121 @@
-"""The ``c2score`` command line (filled by the c2score issue)."""
+"""The ``c2score`` command line: folder of images + activation table + attribution maps -> report.
+
+Example::
+
+    c2score --images val/ --activations acts.safetensors --attributions maps.safetensors \\
+        --backbone dinov2-small+loftup --out report.json --work-dir c2run/
+
+Row i of the activation table belongs to the i-th image file of the folder in sorted relative
+path order; attribution maps must be aligned with the images *after* ``--resize``/``--crop``
+(they are resized bilinearly to that resolution). ``--backbone oracle:FILE.safetensors`` uses
+the (N, D, h, w) tensor ``features`` of that file as per-pixel features (validation runs).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from c2score.baseline import RandomBaselineConfig
+from c2score.evaluate import EvalConfig, evaluate_c2
+from c2score.features.oracle import OracleFeatures
+from c2score.io import ImageFolder
+from c2score.selection import SelectionConfig
+
+
+def _oracle(path: str) -> OracleFeatures:
+    with safe_open(path, framework="pt") as f:
+        if "features" not in set(f.keys()):
+            raise SystemExit(f"c2score: {path} has no 'features' tensor (N, D, h, w)")
+        feats = f.get_tensor("features")
+    if feats.ndim != 4:
+        raise SystemExit(
+            f"c2score: oracle 'features' must be (N, D, h, w), got {tuple(feats.shape)}"
+        )
+    return OracleFeatures(feats, dim=int(feats.shape[1]))
+
+
+def _extractor(args: argparse.Namespace) -> object:
+    if args.backbone.startswith("oracle:"):
+        return _oracle(args.backbone.removeprefix("oracle:"))
+    from c2score.features import make_extractor  # heavy (transformers): only when needed
+
+    return make_extractor(
+        args.backbone,
+        upsampler_weights=args.upsampler_weights,
+        local_files_only=args.offline,
+        device=args.device,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="c2score",
+        description="C2 concept-consistency score (FaCT paper Eq. 13-16) of a concept method.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--images", required=True, help="folder of images (sorted relative paths)")
+    p.add_argument("--activations", required=True, help="activation table (.safetensors)")
+    p.add_argument("--attributions", required=True, help="attribution maps (.safetensors)")
+    p.add_argument("--out", default="c2score-report.json", help="JSON report path")
+    p.add_argument(
+        "--backbone",
+        default="dinov2-small+loftup",
+        help="feature spec '<backbone>+<upsampler>' (e.g. dinov2-small+bilinear) or oracle:FILE",
+    )
+    p.add_argument("--upsampler-weights", default=None, help="override the upsampler weights")
+    p.add_argument("--offline", action="store_true", help="never download weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--resize", type=int, default=256, help="shorter side; 0 keeps the size")
+    p.add_argument("--crop", type=int, default=224, help="centre crop; 0 disables")
+    p.add_argument("--work-dir", default=None, help="checkpoints here; rerun to resume")
+    p.add_argument("--lowres-cache", default=None, help="cache backbone features here")
+    p.add_argument("--checkpoint-every", type=int, default=512, help="images per checkpoint")
+    p.add_argument("--top-fraction", type=float, default=0.05)
+    p.add_argument("--min-top", type=int, default=10)
+    p.add_argument("--min-images", type=int, default=5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random baseline")
+    p.add_argument("--baseline-weight", choices=["mass", "uniform"], default="mass")
+    p.add_argument("--histogram", default=None, help="PNG of the score distribution")
+    p.add_argument("--no-progress", action="store_true")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="c2score", description="C2 concept-consistency score.")
-    parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        config = EvalConfig(
+            selection=SelectionConfig(args.top_fraction, args.min_top, args.min_images),
+            baseline=RandomBaselineConfig(tuple(args.seeds), args.baseline_weight),
+            batch_size=args.batch_size,
+            checkpoint_every=args.checkpoint_every,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        images = ImageFolder(args.images, resize=args.resize or None, crop=args.crop or None)
+        result = evaluate_c2(
+            images,
+            Path(args.activations),
+            Path(args.attributions),
+            _extractor(args),  # type: ignore[arg-type]
+            config,
+            work_dir=args.work_dir,
+            lowres_cache=args.lowres_cache,
+        )
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"c2score: error: {e}", file=sys.stderr)
+        return 2
+    result.save_json(args.out)
+    print(result.summary())
+    print(f"report: {args.out}")
+    if args.histogram and not result.save_histogram(args.histogram):
+        print("histogram skipped: matplotlib is not installed", file=sys.stderr)
     return 0
 
 

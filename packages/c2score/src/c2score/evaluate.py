@@ -1,0 +1,501 @@
+"""Streaming C2 evaluation: one pass over the images, resumable, memory independent of N.
+
+Which images each concept needs is decided up front from the activation table
+(:func:`~c2score.selection.select_images`), so one pass over the images suffices. Per image the
+features F(x) are computed once, the attribution maps are fetched only for the concepts that
+selected it (plus the random concepts of the baseline, which select every image), and the
+*uncentred* embeddings e_c(x) = sum relu(A) F / sum relu(A) (Eq. 14) are kept; the per-image
+spatial means of F are summed for the centring mean mu.
+
+Why not fold the embeddings straight into the O(N * D) accumulators? Centring must come before
+the normalisation u = (e - mu) / |e - mu|, and mu is only known after the pass. Since centring is
+linear, e computed on centred features equals e - mu, so it is enough to keep e for the selected
+pairs (top-k per concept, ~1 M x D at ImageNet scale, on disk in a work directory) and fold
+u into the accumulators at the end. A second pass that recomputes the upsampled features
+(LoftUp dominates the cost) would double the run time; upsampled features are never stored.
+
+With a ``work_dir`` the pass writes a checkpoint (embedding shard + state, atomically) every
+``checkpoint_every`` images; calling again with the same inputs resumes after the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from c2score.baseline import RandomBaselineConfig, random_attribution
+from c2score.consistency import ConsistencyAccumulator
+from c2score.features.base import PixelFeatureExtractor
+from c2score.features.oracle import IndexedFeatureExtractor
+from c2score.io import (
+    ActivationTable,
+    AttributionSource,
+    DenseAttributions,
+    ImageLike,
+    ImageLoadError,
+    StoredAttributions,
+    atomic_save_safetensors,
+    load_activation_table,
+    resize_maps,
+    to_rgb_tensor,
+)
+from c2score.report import C2Result
+from c2score.selection import Selection, SelectionConfig, select_images
+
+__all__ = ["EvalConfig", "evaluate_c2"]
+
+_STATE = "state.safetensors"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of :func:`evaluate_c2`."""
+
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Which images each concept is scored on (top 5 %, at least 10, skip below 5)."""
+    baseline: RandomBaselineConfig = field(default_factory=RandomBaselineConfig)
+    """Random-concept baseline (3 seeds by default)."""
+    batch_size: int = 8
+    """Images per feature-extractor call (consecutive images of equal size are batched)."""
+    checkpoint_every: int = 512
+    """Images between checkpoints when a work directory is given."""
+    device: str = "cpu"
+    """Device the images and the embedding arithmetic go to (move the extractor yourself)."""
+    map_chunk: int = 64
+    """Attribution maps embedded per matrix product (bounds memory at chunk x H x W)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+class _Pass:
+    """Accumulated state of the streaming pass (what a checkpoint holds)."""
+
+    def __init__(self, dim: int, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.feat_sum_D = torch.zeros(dim, dtype=torch.float64)
+        self.n_feat = 0
+        self.next_image = 0
+        self.n_shards = 0
+        self.image_skips: Counter[str] = Counter()
+        self.pair_skips: Counter[str] = Counter()
+        self.skipped_examples: dict[str, str] = {}
+        self.buffer: list[dict[str, torch.Tensor]] = []
+        self.memory_shards: list[dict[str, torch.Tensor]] = []
+
+    # -- persistence ---------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "n_feat": self.n_feat,
+            "next_image": self.next_image,
+            "n_shards": self.n_shards,
+            "image_skips": dict(self.image_skips),
+            "pair_skips": dict(self.pair_skips),
+            "skipped_examples": self.skipped_examples,
+        }
+
+    def flush(self, work_dir: Path | None) -> None:
+        """Move buffered embeddings into a shard; with a work_dir, checkpoint atomically."""
+        if self.buffer:
+            shard = {k: torch.cat([b[k] for b in self.buffer]) for k in self.buffer[0]}
+            self.buffer = []
+            if work_dir is None:
+                self.memory_shards.append(shard)
+            else:
+                atomic_save_safetensors(shard, work_dir / f"shard_{self.n_shards:06d}.safetensors")
+            self.n_shards += 1
+        if work_dir is not None:
+            meta = {"json": json.dumps(self.meta())}
+            atomic_save_safetensors({"feat_sum": self.feat_sum_D}, work_dir / _STATE, meta)
+
+    @classmethod
+    def resume(cls, work_dir: Path, dim: int, fingerprint: str) -> _Pass:
+        state = cls(dim, fingerprint)
+        path = work_dir / _STATE
+        if not path.exists():
+            return state
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["json"])
+            feat_sum = f.get_tensor("feat_sum")
+        if meta["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{work_dir} holds a run with other inputs or settings (fingerprint mismatch); "
+                "use a fresh work directory or delete it to start over"
+            )
+        state.feat_sum_D = feat_sum
+        state.n_feat, state.next_image = meta["n_feat"], meta["next_image"]
+        state.n_shards = meta["n_shards"]
+        state.image_skips = Counter(meta["image_skips"])
+        state.pair_skips = Counter(meta["pair_skips"])
+        state.skipped_examples = meta["skipped_examples"]
+        for orphan in work_dir.glob("shard_*.safetensors"):  # written after the last state
+            if int(orphan.stem.split("_")[1]) >= state.n_shards:
+                orphan.unlink()
+        return state
+
+    def shards(self, work_dir: Path | None) -> Iterator[dict[str, torch.Tensor]]:
+        if work_dir is None:
+            yield from self.memory_shards
+        else:
+            for i in range(self.n_shards):
+                yield load_file(str(work_dir / f"shard_{i:06d}.safetensors"))
+
+    def skip_image(self, index: int, reason: str, detail: str) -> None:
+        self.image_skips[reason] += 1
+        self.skipped_examples.setdefault(reason, f"image {index}: {detail}"[:300])
+
+
+def _fingerprint(selection: Selection, dim: int, config: EvalConfig) -> str:
+    h = hashlib.sha256()
+    for t in (selection.concept_ids, selection.pair_image, selection.pair_slot):
+        h.update(t.numpy().tobytes())
+    h.update(selection.pair_weight.numpy().tobytes())
+    h.update(json.dumps([dim, selection.n_images, asdict(config.baseline)]).encode())
+    return h.hexdigest()[:32]
+
+
+def _as_attribution_source(
+    attributions: AttributionSource | torch.Tensor | str | Path, selection: Selection
+) -> AttributionSource:
+    """Wrap tensors / files and check up front that every selected pair has a map."""
+    if isinstance(attributions, torch.Tensor):
+        attributions = DenseAttributions(attributions)
+    elif isinstance(attributions, (str, Path)):
+        attributions = StoredAttributions(attributions)
+    if isinstance(attributions, DenseAttributions):
+        n, c = attributions.maps_NChw.shape[:2]
+        if (n, c) != (selection.n_images, selection.n_concepts):
+            raise ValueError(
+                f"attribution maps cover {n} images x {c} concepts, the activation table "
+                f"{selection.n_images} x {selection.n_concepts}"
+            )
+    if isinstance(attributions, StoredAttributions):
+        concepts = selection.concept_ids[selection.pair_slot]
+        miss = attributions.missing(selection.pair_image, concepts)
+        if bool(miss.any()):
+            i = int(torch.nonzero(miss)[0])
+            raise ValueError(
+                f"{attributions.path} lacks the maps of {int(miss.sum())} selected (image, "
+                f"concept) pairs, e.g. image {int(selection.pair_image[i])}, concept "
+                f"{int(concepts[i])}; store a map for every pair the selection needs"
+            )
+    return attributions
+
+
+def _indexed_images(
+    images: Sequence[ImageLike] | Iterable[ImageLike], start: int
+) -> Iterator[tuple[int, ImageLike | Exception]]:
+    """(index, image or the loading error) from ``start`` on, without loading skipped ones."""
+    if isinstance(images, Sequence) or (
+        hasattr(images, "__getitem__") and hasattr(images, "__len__")
+    ):
+        for i in range(start, len(images)):  # type: ignore[arg-type]
+            try:
+                yield i, images[i]  # type: ignore[index]
+            except ImageLoadError as e:
+                yield i, e
+        return
+    for i, im in enumerate(images):
+        if i >= start:
+            yield i, im
+
+
+def _features(
+    extractor: PixelFeatureExtractor | IndexedFeatureExtractor,
+    indices: list[int],
+    batch_B3HW: torch.Tensor,
+    lowres_cache: Path | None,
+) -> torch.Tensor:
+    """Per-pixel features of a batch, through the low-resolution cache when one is given."""
+    if isinstance(extractor, IndexedFeatureExtractor):
+        return extractor.features_at(indices, batch_B3HW)
+    lowres_fn = getattr(extractor, "lowres", None)
+    upsample_fn = getattr(extractor, "upsample", None)
+    if lowres_cache is None or lowres_fn is None or upsample_fn is None:
+        return extractor(batch_B3HW)
+    paths = [lowres_cache / f"{i:09d}.safetensors" for i in indices]
+    lows: list[torch.Tensor | None] = [
+        load_file(str(p))["lowres"].to(batch_B3HW.device) if p.exists() else None for p in paths
+    ]
+    todo = [b for b, low in enumerate(lows) if low is None]
+    if todo:
+        fresh = lowres_fn(batch_B3HW[todo])
+        for b, low in zip(todo, fresh):
+            lows[b] = low
+            atomic_save_safetensors({"lowres": low.detach().cpu()}, paths[b])
+    return upsample_fn(torch.stack(lows), batch_B3HW)  # type: ignore[arg-type]
+
+
+def _embed(maps_KHW: torch.Tensor, feats_DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14 on uncentred features: (embeddings K x D, valid K) with relu'd maps as weights."""
+    a = maps_KHW.clamp_min(0).flatten(1)
+    mass = a.sum(dim=1)
+    emb = (a @ feats_DHW.flatten(1).T) / mass.clamp_min(torch.finfo(a.dtype).tiny)[:, None]
+    return emb, mass > 0
+
+
+def evaluate_c2(
+    images: Sequence[ImageLike] | Iterable[ImageLike],
+    activations: ActivationTable | torch.Tensor | str | Path,
+    attributions: AttributionSource | torch.Tensor | str | Path,
+    extractor: PixelFeatureExtractor | IndexedFeatureExtractor,
+    config: EvalConfig = EvalConfig(),
+    work_dir: str | Path | None = None,
+    lowres_cache: str | Path | None = None,
+) -> C2Result:
+    """C2-score of a concept method (paper Eq. 13-16) in one streaming pass over ``images``.
+
+    ``images`` are in the order of the activation table's rows (an :class:`~c2score.io.ImageFolder`,
+    or any sequence / iterable of PIL images or tensors); ``activations`` is an images x concepts
+    table (tensor, :class:`~c2score.io.ActivationTable` or safetensors path); ``attributions``
+    gives maps A_c(x) per (image, concepts) (callable, (N, C, h, w) tensor or safetensors path);
+    ``extractor`` gives per-pixel features. ``work_dir`` makes the pass resumable;
+    ``lowres_cache`` stores the extractor's low-resolution features (if it has ``lowres`` and
+    ``upsample``) for later runs.
+    """
+    if not isinstance(activations, (ActivationTable, torch.Tensor)):
+        activations = load_activation_table(activations)
+    table = (
+        ActivationTable.from_dense(activations)
+        if isinstance(activations, torch.Tensor)
+        else activations
+    )
+    if hasattr(images, "__len__") and len(images) != table.n_images:  # type: ignore[arg-type]
+        raise ValueError(
+            f"{len(images)} images but the activation table has {table.n_images} rows; row i "  # type: ignore[arg-type]
+            "of the table must belong to the i-th image"
+        )
+    selection = select_images(table, config.selection)
+    source = _as_attribution_source(attributions, selection)
+    dim = int(extractor.dim)
+    wdir = Path(work_dir) if work_dir is not None else None
+    cache = Path(lowres_cache) if lowres_cache is not None else None
+    for d in (wdir, cache):
+        if d is not None:
+            d.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(selection, dim, config)
+    state = _Pass.resume(wdir, dim, fingerprint) if wdir is not None else _Pass(dim, fingerprint)
+
+    _stream(images, table.n_images, selection, source, extractor, config, state, wdir, cache)
+    return _finalise(selection, state, wdir, dim, config)
+
+
+def _min_side(extractor: object) -> int:
+    """Smallest usable image side: the backbone's patch size where it declares one."""
+    for obj in (extractor, getattr(extractor, "backbone", None)):
+        p = getattr(obj, "patch_size", None)
+        if isinstance(p, int) and p > 0:
+            return p
+    return 1
+
+
+def _stream(
+    images: Sequence[ImageLike] | Iterable[ImageLike],
+    n_images: int,
+    selection: Selection,
+    source: AttributionSource,
+    extractor: PixelFeatureExtractor | IndexedFeatureExtractor,
+    config: EvalConfig,
+    state: _Pass,
+    wdir: Path | None,
+    cache: Path | None,
+) -> None:
+    device = torch.device(config.device)
+    min_side = _min_side(extractor)
+    dim = int(extractor.dim)
+    n_slots = len(selection.concept_ids)
+    bar = tqdm(
+        total=n_images, initial=state.next_image, desc="c2score", disable=not config.progress
+    )
+    batch: list[tuple[int, torch.Tensor]] = []
+    since_checkpoint = 0
+
+    def run_batch() -> None:
+        nonlocal since_checkpoint
+        if batch:
+            idx = [i for i, _ in batch]
+            x = torch.stack([t for _, t in batch]).to(device)
+            with torch.inference_mode():
+                feats = _features(extractor, idx, x, cache)
+            if feats.shape[:2] != (len(idx), dim) or feats.shape[-2:] != x.shape[-2:]:
+                raise ValueError(
+                    f"the feature extractor returned {tuple(feats.shape)} for images "
+                    f"{tuple(x.shape)}; expected (B, {dim}, H, W) at image resolution"
+                )
+            for b, i in enumerate(idx):
+                _process_image(i, feats[b].float(), selection, source, n_slots, config, state)
+            since_checkpoint += len(idx)
+            bar.update(len(idx))
+            state.next_image = idx[-1] + 1
+            batch.clear()
+        if wdir is not None and since_checkpoint >= config.checkpoint_every:
+            state.flush(wdir)
+            since_checkpoint = 0
+
+    last = state.next_image - 1
+    for i, item in _indexed_images(images, state.next_image):
+        if i >= n_images:
+            run_batch()
+            state.flush(wdir)
+            raise ValueError(
+                f"more images than the {n_images} rows of the activation table (progress saved)"
+            )
+        last = i
+        reason, detail, t = _check_image(item, min_side)
+        if t is None:
+            run_batch()  # keep "images < next_image are done" exact for checkpoints
+            state.skip_image(i, reason, detail)
+            state.next_image = i + 1
+            bar.update(1)
+            continue
+        if batch and (len(batch) >= config.batch_size or batch[0][1].shape != t.shape):
+            run_batch()
+        batch.append((i, t))
+    run_batch()
+    state.next_image = max(state.next_image, last + 1)
+    state.flush(wdir)
+    bar.close()
+    if state.next_image < n_images:
+        raise ValueError(
+            f"only {state.next_image} images for the {n_images} rows of the activation table "
+            "(progress saved)"
+        )
+
+
+def _check_image(
+    item: ImageLike | Exception, min_side: int
+) -> tuple[str, str, torch.Tensor | None]:
+    """(reason, detail, None) for an unusable image, else ("", "", RGB tensor)."""
+    if isinstance(item, ImageLoadError):
+        return item.reason, str(item), None
+    try:
+        t = to_rgb_tensor(item)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as e:
+        return "invalid_image", str(e), None
+    if min(t.shape[-2:]) < min_side:
+        return "smaller_than_patch", f"{tuple(t.shape[-2:])} < {min_side}", None
+    return "", "", t
+
+
+def _process_image(
+    i: int,
+    feats_DHW: torch.Tensor,
+    selection: Selection,
+    source: AttributionSource,
+    n_slots: int,
+    config: EvalConfig,
+    state: _Pass,
+) -> None:
+    """Centring sum and uncentred embeddings (selected concepts + random concepts) of one image."""
+    if not bool(torch.isfinite(feats_DHW).all()):
+        state.skip_image(i, "non_finite_features", "the extractor returned NaN or inf")
+        return
+    size = (int(feats_DHW.shape[-2]), int(feats_DHW.shape[-1]))
+    state.feat_sum_D += feats_DHW.double().mean(dim=(1, 2)).cpu()
+    state.n_feat += 1
+
+    slots, weights = selection.pairs_of(i)
+    out_slot, out_w, out_e = [], [], []
+    for k0 in range(0, len(slots), config.map_chunk):
+        s, w = slots[k0 : k0 + config.map_chunk], weights[k0 : k0 + config.map_chunk]
+        maps = torch.as_tensor(source(i, selection.concept_ids[s]))
+        if maps.ndim != 3 or maps.shape[0] != len(s):
+            raise ValueError(
+                f"attributions({i}, {len(s)} concepts) returned {tuple(maps.shape)}; expected "
+                f"({len(s)}, h, w)"
+            )
+        maps = resize_maps(maps.to(feats_DHW.device), size)
+        finite = torch.isfinite(maps).flatten(1).all(dim=1)
+        state.pair_skips["non_finite_attribution"] += int((~finite).sum())
+        maps = torch.where(finite[:, None, None], maps, torch.zeros((), device=maps.device))
+        emb, nonzero = _embed(maps, feats_DHW)
+        state.pair_skips["empty_attribution"] += int((finite & ~nonzero).sum())
+        keep = (finite & nonzero).cpu()
+        out_slot.append(s[keep])
+        out_w.append(w[keep])
+        out_e.append(emb.cpu()[keep])
+
+    seeds = config.baseline.seeds
+    rand = [random_attribution(seed, i, size, config.baseline.weight) for seed in seeds]
+    maps_R = torch.stack([a for a, _ in rand]).to(feats_DHW.device)
+    emb_R, nonzero_R = _embed(maps_R, feats_DHW)
+    keep_R = nonzero_R.cpu()
+    out_slot.append((n_slots + torch.arange(len(seeds)))[keep_R])
+    out_w.append(torch.tensor([w for _, w in rand], dtype=torch.float64)[keep_R])
+    out_e.append(emb_R.cpu()[keep_R])
+
+    slot_K = torch.cat(out_slot).long()
+    state.buffer.append(
+        {
+            "slot": slot_K,
+            "image": torch.full_like(slot_K, i),
+            "weight": torch.cat(out_w).double(),
+            "emb": torch.cat(out_e).float(),
+        }
+    )
+
+
+def _finalise(
+    selection: Selection, state: _Pass, wdir: Path | None, dim: int, config: EvalConfig
+) -> C2Result:
+    """Centre, normalise and fold the stored embeddings; Eq. 15 per concept and Eq. 16."""
+    n_slots = len(selection.concept_ids)
+    seeds = config.baseline.seeds
+    if state.n_feat == 0:
+        raise ValueError("no image could be used (see the skipped-image reasons): nothing to score")
+    mu_D = state.feat_sum_D / state.n_feat
+    acc = ConsistencyAccumulator(n_slots + len(seeds), dim)
+    pair_skips = Counter(state.pair_skips)
+    for shard in state.shards(wdir):
+        e = shard["emb"].double() - mu_D
+        norm = e.norm(dim=1)
+        ok = norm > 0
+        pair_skips["zero_centred_embedding"] += int((~ok).sum())
+        acc.add(shard["slot"][ok], e[ok] / norm[ok, None], shard["weight"][ok])
+
+    cons = acc.consistency()
+    counts = acc.count_C
+    scored = counts[:n_slots] >= config.selection.min_images
+    skipped = {k: v.tolist() for k, v in selection.skipped.items()}
+    skipped["too_few_valid_images"] = selection.concept_ids[~scored].tolist()
+    concept_cons = cons[:n_slots][scored]
+    base = cons[n_slots:]
+    mean_c = float(concept_cons.mean()) if len(concept_cons) else float("nan")
+    base_mean = float(base.mean())
+    base_std = float(base.std()) if len(base) > 1 else 0.0
+    return C2Result(
+        c2=mean_c - base_mean,
+        mean_consistency=mean_c,
+        baseline_mean=base_mean,
+        baseline_std=base_std,
+        baseline_per_seed={s: float(v) for s, v in zip(seeds, base.tolist())},
+        concept_ids=selection.concept_ids[scored].tolist(),
+        consistency=concept_cons.tolist(),
+        n_images_per_concept=counts[:n_slots][scored].tolist(),
+        skipped_concepts=skipped,
+        skipped_images=dict(state.image_skips),
+        skipped_pairs={k: v for k, v in pair_skips.items() if v},
+        n_images=selection.n_images,
+        n_images_used=state.n_feat,
+        n_concepts=selection.n_concepts,
+        feature_dim=dim,
+        config={
+            "selection": asdict(config.selection),
+            "baseline": {**asdict(config.baseline), "seeds": list(seeds)},
+            "centring": "mean of per-image spatial means of the features over the images used",
+            "skipped_image_examples": state.skipped_examples,
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+        },
+    )

@@ -1,0 +1,186 @@
+"""Which images each concept is evaluated on (paper App. C.3), decided up front from the table.
+
+Rule, per concept c over the N evaluation images:
+
+* the *active* images are those with a finite activation a_c(x) > 0;
+* with n <= ``min_top`` (10) active images all of them are taken; otherwise the top
+  ``k = max(min_top, ceil(top_fraction * n))`` by activation (top 5 %, but at least the top 10);
+* ties are broken deterministically by the lower image index;
+* concepts left with fewer than ``min_images`` (5) images are skipped and counted, as are
+  concepts whose column holds a NaN or an infinity.
+
+The authors' code (``get_indices_to_explain``) selects ``a > min(quantile_0.95, 11th largest)``,
+which can take more than k images when values tie; a fixed k with index tie-breaking is exact
+and reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from c2score.io import ActivationTable
+
+__all__ = ["Selection", "SelectionConfig", "n_to_select", "select_images"]
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Image-selection rule of the C2-score (paper App. C.3)."""
+
+    top_fraction: float = 0.05
+    """Fraction of the active images taken per concept (top 5 %)."""
+    min_top: int = 10
+    """Take at least this many top images; with at most this many active images take all."""
+    min_images: int = 5
+    """Concepts with fewer selected images than this are skipped (and counted)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.min_top < 0 or self.min_images < 2:
+            raise ValueError(
+                f"need min_top >= 0 and min_images >= 2 (a consistency needs two images), "
+                f"got min_top={self.min_top}, min_images={self.min_images}"
+            )
+
+
+def n_to_select(n_active: int, config: SelectionConfig = SelectionConfig()) -> int:
+    """How many of ``n_active`` active images a concept is evaluated on."""
+    if n_active <= config.min_top:
+        return n_active
+    # round() guards against 0.05 * 1000 = 50.000000000000007 turning into 51.
+    k = math.ceil(round(config.top_fraction * n_active, 9))
+    return min(n_active, max(config.min_top, k))
+
+
+class Selection(NamedTuple):
+    """Selected (image, concept) pairs, sorted by image (the streaming pass order).
+
+    Concepts that are scored get a *slot* ``s`` in ``concept_ids``; the pairs of image ``i`` are
+    ``pair_*[image_ptr[i]:image_ptr[i + 1]]``.
+    """
+
+    concept_ids: torch.Tensor
+    """(S,) int64, the original concept index of every slot."""
+    n_selected: torch.Tensor
+    """(S,) int64, images selected per slot."""
+    pair_image: torch.Tensor
+    """(P,) int64, image index of every pair (non-decreasing)."""
+    pair_slot: torch.Tensor
+    """(P,) int64, slot of every pair."""
+    pair_weight: torch.Tensor
+    """(P,) float64, the activation a_c(x) > 0 (the weight w of Eq. 15)."""
+    image_ptr: torch.Tensor
+    """(N + 1,) int64 offsets into the pair arrays per image."""
+    skipped: dict[str, torch.Tensor]
+    """Reason -> (int64) ids of the concepts skipped for it."""
+    n_images: int
+    n_concepts: int
+
+    def pairs_of(self, image_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots_K, weights_K) of the concepts that selected image ``image_index``."""
+        lo, hi = int(self.image_ptr[image_index]), int(self.image_ptr[image_index + 1])
+        return self.pair_slot[lo:hi], self.pair_weight[lo:hi]
+
+
+def _select_column_block(
+    acts_NC: torch.Tensor, config: SelectionConfig
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Top images per column of a dense block: (image ids, weights) per column, finite mask."""
+    finite_C = torch.isfinite(acts_NC).all(dim=0)
+    acts = torch.where(torch.isfinite(acts_NC), acts_NC, torch.zeros((), dtype=acts_NC.dtype))
+    n_active_C = (acts > 0).sum(dim=0)
+    # stable descending sort: equal values keep ascending image order.
+    values_NC, order_NC = torch.sort(acts, dim=0, descending=True, stable=True)
+    images, weights = [], []
+    for c in range(acts.shape[1]):
+        k = n_to_select(int(n_active_C[c]), config) if finite_C[c] else 0
+        images.append(order_NC[:k, c])
+        weights.append(values_NC[:k, c].to(torch.float64))
+    return images, weights, finite_C
+
+
+def select_images(
+    table: ActivationTable | torch.Tensor,
+    config: SelectionConfig = SelectionConfig(),
+    block_concepts: int = 256,
+) -> Selection:
+    """Apply the selection rule to every concept of an activation table (images x concepts).
+
+    Dense tables are processed ``block_concepts`` columns at a time, so memory stays at one
+    block of N x block_concepts values beyond the table itself.
+    """
+    if isinstance(table, torch.Tensor):
+        table = ActivationTable.from_dense(table)
+    n_images, n_concepts = table.n_images, table.n_concepts
+
+    per_concept_images: list[torch.Tensor] = []
+    per_concept_weights: list[torch.Tensor] = []
+    finite = torch.ones(n_concepts, dtype=torch.bool)
+    if table.dense is not None:
+        for c0 in range(0, n_concepts, block_concepts):
+            block = table.dense[:, c0 : c0 + block_concepts].float()
+            ims, ws, fin = _select_column_block(block, config)
+            per_concept_images += ims
+            per_concept_weights += ws
+            finite[c0 : c0 + block.shape[1]] = fin
+    else:
+        ims_all, cons_all, vals_all = table.sparse_sorted_by_concept()
+        fin_vals = torch.isfinite(vals_all)
+        bad = torch.unique(cons_all[~fin_vals])
+        finite[bad] = False
+        bounds = torch.searchsorted(cons_all, torch.arange(n_concepts + 1))
+        for c in range(n_concepts):
+            lo, hi = int(bounds[c]), int(bounds[c + 1])
+            v, im = vals_all[lo:hi], ims_all[lo:hi]
+            if not finite[c]:
+                per_concept_images.append(im[:0])
+                per_concept_weights.append(v[:0].double())
+                continue
+            # sorted by value (descending) then image (ascending) already; keep positives.
+            n_active = int((v > 0).sum())
+            k = n_to_select(n_active, config)
+            per_concept_images.append(im[:k])
+            per_concept_weights.append(v[:k].double())
+
+    counts = torch.tensor([len(i) for i in per_concept_images], dtype=torch.int64)
+    ids = torch.arange(n_concepts)
+    inactive = finite & (counts == 0)
+    too_few = finite & (counts > 0) & (counts < config.min_images)
+    kept = finite & (counts >= config.min_images)
+    skipped = {
+        "non_finite_activations": ids[~finite],
+        "no_active_images": ids[inactive],
+        "too_few_images": ids[too_few],
+    }
+    concept_ids = ids[kept]
+    slot_images = [per_concept_images[int(c)] for c in concept_ids]
+    slot_weights = [per_concept_weights[int(c)] for c in concept_ids]
+    if slot_images:
+        pair_image = torch.cat(slot_images).long()
+        pair_weight = torch.cat(slot_weights)
+        pair_slot = torch.repeat_interleave(
+            torch.arange(len(concept_ids)), torch.tensor([len(x) for x in slot_images])
+        )
+    else:
+        pair_image = torch.zeros(0, dtype=torch.int64)
+        pair_weight = torch.zeros(0, dtype=torch.float64)
+        pair_slot = torch.zeros(0, dtype=torch.int64)
+    order = torch.argsort(pair_image, stable=True)
+    pair_image, pair_slot, pair_weight = pair_image[order], pair_slot[order], pair_weight[order]
+    image_ptr = torch.searchsorted(pair_image, torch.arange(n_images + 1))
+    return Selection(
+        concept_ids=concept_ids,
+        n_selected=counts[kept],
+        pair_image=pair_image,
+        pair_slot=pair_slot,
+        pair_weight=pair_weight,
+        image_ptr=image_ptr,
+        skipped=skipped,
+        n_images=n_images,
+        n_concepts=n_concepts,
+    )
