@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -57,3 +58,13 @@ def random_codes(layout: str, batch: int = 4, seed: int = 1, sparsity: float = 0
     if sparsity:
         codes = codes * (torch.rand(codes.shape, generator=gen, dtype=torch.float64) > sparsity)
     return codes
+
+
+def assert_close(actual: Tensor, expected: Tensor, atol: float = 1e-10, rtol: float = 1e-7) -> None:
+    """numpy's assert_allclose on tensors (torch.testing imports torch.distributed: slow)."""
+    np.testing.assert_allclose(
+        torch.as_tensor(actual).detach().cpu().double().numpy(),
+        torch.as_tensor(expected).detach().cpu().double().numpy(),
+        atol=atol,
+        rtol=rtol,
+    )

@@ -2,7 +2,14 @@ import math
 
 import pytest
 import torch
-from concept_deletion_helpers import SHAPES, LinearHead, SmoothHead, concept_sum, random_codes
+from concept_deletion_helpers import (
+    SHAPES,
+    LinearHead,
+    SmoothHead,
+    assert_close,
+    concept_sum,
+    random_codes,
+)
 
 from concept_deletion import (
     ImportanceConfig,
@@ -23,20 +30,20 @@ TARGETS = torch.tensor([0, 2, 1, 0])
 def test_gradient_x_input_equals_exact_contributions_of_a_linear_head(layout: str) -> None:
     head, codes = LinearHead(SHAPES[layout]), random_codes(layout)
     exact = concept_sum(head.contributions(codes, TARGETS), layout)
-    torch.testing.assert_close(gradient_x_input(head, codes, TARGETS, layout), exact)
+    assert_close(gradient_x_input(head, codes, TARGETS, layout), exact)
     # The contributions sum to the logit (no bias): the decomposition is complete.
-    torch.testing.assert_close(exact.sum(1), head(codes)[torch.arange(4), TARGETS])
+    assert_close(exact.sum(1), head(codes)[torch.arange(4), TARGETS])
     # Supplied contributions (per position, or per concept) are reduced the same way.
     per_pos = head.contributions(codes, TARGETS)
-    torch.testing.assert_close(
+    assert_close(
         local_importance("contribution", head, codes, TARGETS, layout, contributions=per_pos), exact
     )
-    torch.testing.assert_close(
+    assert_close(
         local_importance("contribution", head, codes, TARGETS, layout, contributions=exact), exact
     )
     # For a bias-free linear head, IG and occlusion are exact as well.
-    torch.testing.assert_close(integrated_gradients(head, codes, TARGETS, layout), exact)
-    torch.testing.assert_close(occlusion(head, codes, TARGETS, layout), exact)
+    assert_close(integrated_gradients(head, codes, TARGETS, layout), exact)
+    assert_close(occlusion(head, codes, TARGETS, layout), exact)
 
 
 def test_saliency_of_a_linear_head_is_the_reduced_absolute_weight(layout: str) -> None:
@@ -49,9 +56,9 @@ def test_saliency_of_a_linear_head_is_the_reduced_absolute_weight(layout: str) -
         want = w_abs.amax(1)
     else:
         want = w_abs
-    torch.testing.assert_close(got, want)
+    assert_close(got, want)
     got_sum = saliency(head, codes, TARGETS, layout, ImportanceConfig(reduction="sum_abs"))
-    torch.testing.assert_close(got_sum, concept_sum(w_abs, layout))
+    assert_close(got_sum, concept_sum(w_abs, layout))
 
 
 @pytest.mark.parametrize(("rule", "tol"), [("trapezoid", 2e-4), ("riemann_middle", 2e-4)])
@@ -81,9 +88,7 @@ def test_gradient_measures_do_not_depend_on_the_memory_budget(layout: str) -> No
     small = ImportanceConfig(max_elements=1, ig_steps=5)
     big = ImportanceConfig(ig_steps=5)
     for fn in (saliency, gradient_x_input, integrated_gradients, occlusion):
-        torch.testing.assert_close(
-            fn(head, codes, TARGETS, layout, small), fn(head, codes, TARGETS, layout, big)
-        )
+        assert_close(fn(head, codes, TARGETS, layout, small), fn(head, codes, TARGETS, layout, big))
 
 
 def test_sobol_total_indices_of_a_linear_head_match_the_analytic_values(layout: str) -> None:
@@ -93,7 +98,7 @@ def test_sobol_total_indices_of_a_linear_head_match_the_analytic_values(layout: 
     want = c**2 / (c**2).sum(1, keepdim=True)
     cfg = ImportanceConfig(sobol_designs=2048, max_elements=5000)
     got = sobol_total_indices(head, codes, TARGETS, layout, cfg)
-    torch.testing.assert_close(got, want, atol=0.02, rtol=0)
+    assert_close(got, want, atol=0.02, rtol=0)
 
 
 def test_sobol_on_codes_skips_inactive_concepts_exactly_and_streams() -> None:
@@ -109,8 +114,8 @@ def test_sobol_on_codes_skips_inactive_concepts_exactly_and_streams() -> None:
         head, codes, TARGETS, layout, ImportanceConfig(sobol_designs=16, max_elements=7)
     )
     assert torch.equal(full[:, 1], torch.zeros(4)) and full[0, 3] == 0
-    torch.testing.assert_close(skip, full)
-    torch.testing.assert_close(tiny_chunks, full)
+    assert_close(skip, full)
+    assert_close(tiny_chunks, full)
     assert (full[:, [0, 2, 4]] > 0).all()
 
 
@@ -127,8 +132,8 @@ def test_class_importance_is_the_class_mean() -> None:
     labels = torch.tensor([7, 3, 7])
     classes, per_class = class_importance(imp, labels)
     assert classes.tolist() == [3, 7]
-    torch.testing.assert_close(per_class, torch.tensor([[3.0, 2.0], [3.0, 2.5]]))
-    torch.testing.assert_close(
+    assert_close(per_class, torch.tensor([[3.0, 2.0], [3.0, 2.5]]))
+    assert_close(
         expand_class_importance(classes, per_class, labels),
         torch.tensor([[3.0, 2.5], [3.0, 2.0], [3.0, 2.5]]),
     )

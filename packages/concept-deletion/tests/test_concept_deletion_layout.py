@@ -1,5 +1,6 @@
 import pytest
 import torch
+from concept_deletion_helpers import assert_close
 
 from concept_deletion import Layout, Reduction, apply_masks, check_codes, reduce_positions
 
@@ -26,9 +27,7 @@ def test_apply_masks_scales_each_concept_at_every_position(
     out = apply_masks(codes, masks, layout)
     for m in range(2):
         for k in range(3):
-            torch.testing.assert_close(
-                out[m].select(k_axis - 1, k), codes[m].select(k_axis - 1, k) * masks[m, k]
-            )
+            assert_close(out[m].select(k_axis - 1, k), codes[m].select(k_axis - 1, k) * masks[m, k])
     with pytest.raises(ValueError, match="masks must be"):
         apply_masks(codes, torch.ones(2, 4), layout)
 
@@ -36,15 +35,15 @@ def test_apply_masks_scales_each_concept_at_every_position(
 def test_reductions_against_explicit_loops() -> None:
     x = torch.randn(2, 3, 4, 5)
     flat = x.flatten(2)
-    torch.testing.assert_close(reduce_positions(x, "BKHW", "sum"), flat.sum(-1))
-    torch.testing.assert_close(reduce_positions(x, "BKHW", "mean"), flat.mean(-1))
-    torch.testing.assert_close(reduce_positions(x, "BKHW", "max_abs"), flat.abs().max(-1).values)
-    torch.testing.assert_close(reduce_positions(x, "BKHW", "sum_abs"), flat.abs().sum(-1))
-    torch.testing.assert_close(reduce_positions(x, "BKHW", "mean_abs"), flat.abs().mean(-1))
+    assert_close(reduce_positions(x, "BKHW", "sum"), flat.sum(-1))
+    assert_close(reduce_positions(x, "BKHW", "mean"), flat.mean(-1))
+    assert_close(reduce_positions(x, "BKHW", "max_abs"), flat.abs().max(-1).values)
+    assert_close(reduce_positions(x, "BKHW", "sum_abs"), flat.abs().sum(-1))
+    assert_close(reduce_positions(x, "BKHW", "mean_abs"), flat.abs().mean(-1))
     tok = x.flatten(2).transpose(1, 2)  # (B, T, K)
-    torch.testing.assert_close(reduce_positions(tok, "BTK", Reduction.MAX_ABS), flat.abs().amax(-1))
+    assert_close(reduce_positions(tok, "BTK", Reduction.MAX_ABS), flat.abs().amax(-1))
     v = torch.randn(2, 3)
-    torch.testing.assert_close(reduce_positions(v, "BK", "sum"), v)
-    torch.testing.assert_close(reduce_positions(v, "BK", "max_abs"), v.abs())
+    assert_close(reduce_positions(v, "BK", "sum"), v)
+    assert_close(reduce_positions(v, "BK", "max_abs"), v.abs())
     with pytest.raises(ValueError, match="unknown spatial reduction"):
         reduce_positions(x, "BKHW", "median")
