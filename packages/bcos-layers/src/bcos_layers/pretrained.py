@@ -424,7 +424,10 @@ def convert_to_safetensors(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    _atomic_write_bytes(out / SAFETENSORS_FILENAME, save(tensors, metadata={"arch": arch, "key_order": json.dumps(list(tensors))}))
+    _atomic_write_bytes(
+        out / SAFETENSORS_FILENAME,
+        save(tensors, metadata={"arch": arch, "key_order": json.dumps(list(tensors))}),
+    )
     _atomic_write_bytes(out / CONFIG_FILENAME, (json.dumps(config, indent=2) + "\n").encode())
     return out
 
