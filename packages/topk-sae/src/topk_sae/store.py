@@ -564,16 +564,16 @@ class StoreSource:
         rng = np.random.default_rng([self.seed, self._epoch, 1, window])
         return torch.from_numpy(rng.permutation(rows))
 
-    def _load_window(self, blocks: np.ndarray, rows: int) -> Tensor:
-        window = torch.empty((rows, self.d_in), dtype=self.store.dtype)
+    def _load_window(self, blocks: np.ndarray, buffer: Tensor) -> int:
+        """Read ``blocks`` into the front of ``buffer``; return the number of rows read."""
         pos = 0
         for b in blocks:
             lo, hi = int(self._block_lo[b]), int(self._block_hi[b])
-            window[pos : pos + hi - lo] = self.store.read_shard_rows(
+            buffer[pos : pos + hi - lo] = self.store.read_shard_rows(
                 int(self._block_shard[b]), lo, hi
             )
             pos += hi - lo
-        return window
+        return pos
 
     def __iter__(self) -> Iterator[Tensor]:
         n_batches = len(self)
@@ -590,10 +590,13 @@ class StoreSource:
         while offset >= window_rows[window]:
             offset -= window_rows[window]
             window += 1
+        # One buffer reused by every window of the epoch: no per-window allocation, so the
+        # allocator cannot fragment the heap into several window-sized holes.
+        buffer = torch.empty((max(window_rows), self.d_in), dtype=self.store.dtype)
         carry: Tensor | None = None
         for w in range(window, n_windows):
-            rows = window_rows[w]
-            data = self._load_window(order[w * per : (w + 1) * per], rows)
+            rows = self._load_window(order[w * per : (w + 1) * per], buffer)
+            data = buffer[:rows]
             perm = self._window_perm(w, rows)
             pos = offset if w == window else 0
             while pos < rows:
@@ -610,7 +613,6 @@ class StoreSource:
                 yield batch.to(torch.float32)
                 if self._position >= n_batches:
                     return
-            del data
         if carry is not None and self._position < n_batches:
             self._position += 1
             yield carry.to(torch.float32)
