@@ -1,26 +1,461 @@
-"""Training loop of the bias-free TopK SAE (work in progress: signature first)."""
+"""Training loop of the bias-free TopK SAE: Adam, warm-up + cosine schedule, AuxK, dead and
+always-active tracking, global input scaling, atomic checkpoints, exact resume and a NaN guard.
+
+One optimizer step (the order of the FaCT release / dictionary_learning)::
+
+    loss = mean_i ||x_i - x_hat_i||^2 + auxk_coef * AuxK      (x scaled by 1/input_scale)
+    backward (sparse: only selected latents get encoder/decoder gradient)
+    remove the gradient component parallel to each atom -> clip -> Adam -> renormalise atoms
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from topk_sae.checkpoint import CheckpointManager
 from topk_sae.config import TrainConfig
 from topk_sae.data import BatchSource
-from topk_sae.sae import BiasFreeTopKSAE
+from topk_sae.hub import atomic_write_text, load_state_strict
+from topk_sae.sae import BiasFreeTopKSAE, TrainForward
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
 
 
 class TrainResult(NamedTuple):
-    """The trained model (on CPU... or the training device), its history and where it is saved."""
+    """Outcome of ``train``."""
 
     model: BiasFreeTopKSAE
+    """The trained model (on the training device), with its ``input_scale`` set."""
     history: list[dict[str, Any]]
+    """Per-step records every ``log_every`` steps (loss, mse, auxk, batch FVU, L0, dead, lr, k)."""
     epoch_stats: list[dict[str, Any]]
+    """Per completed epoch: dead and always-active fractions, mean L0."""
+    input_stats: dict[str, float]
+    """``input_scale``, ``mean_norm``, ``spread``, ``mean_spread_ratio`` of the features."""
     model_dir: Path
+    """``<out_dir>/model``: the final model written by ``save_pretrained``."""
+
+
+class LossParts(NamedTuple):
+    total: Tensor
+    mse: Tensor
+    auxk: Tensor
+    forward: TrainForward
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step-indexed learning-rate multiplier and k (pure functions of the step: nothing to save)."""
+
+    config: TrainConfig
+    steps_per_epoch: int
+    total_steps: int
+    d_in: int
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier for the ``step``-th update (0-based): linear warm-up, hold, cosine."""
+        cfg = self.config
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        hold = round(cfg.hold_epochs * self.steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < warmup + hold:
+            return 1.0
+        decay = max(1, self.total_steps - warmup - hold)
+        progress = min(1.0, (step - warmup - hold) / decay)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+    def k_at(self, step: int) -> int:
+        """k for the ``step``-th update: linear annealing from ``k_anneal_start`` to ``k``."""
+        cfg = self.config
+        if cfg.k_anneal_steps <= 0 or step >= cfg.k_anneal_steps:
+            return cfg.k
+        start = cfg.k_anneal_start or min(self.d_in, cfg.n_latents)
+        start = max(start, cfg.k)
+        return round(start + (cfg.k - start) * step / cfg.k_anneal_steps)
+
+
+def compute_loss(
+    model: BiasFreeTopKSAE,
+    xs_ND: Tensor,
+    *,
+    k: int,
+    dead_n: Tensor | None,
+    k_aux: int,
+    auxk_coef: float,
+    bf16: bool = False,
+) -> LossParts:
+    """Reconstruction MSE (summed over features, mean over rows) + ``auxk_coef`` * AuxK.
+
+    AuxK: the top ``k_aux`` dead latents reconstruct the detached residual ``e = x - x_hat``
+    with the decoder alone (no bias); the loss is normalised by the residual's variance about
+    its batch mean. Its gradient reaches the encoder through the selected dead pre-activations.
+    """
+    fwd = model.train_forward(
+        xs_ND, k=k, dead_n=dead_n if auxk_coef > 0 else None, k_aux=k_aux, bf16=bf16
+    )
+    mse = (fwd.recon_ND - xs_ND).pow(2).sum(dim=1).mean()
+    auxk = xs_ND.new_zeros(())
+    if fwd.aux_recon_ND is not None:
+        residual = (xs_ND - fwd.recon_ND).detach()
+        aux_err = (fwd.aux_recon_ND - residual).pow(2).sum(dim=1).mean()
+        denom = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean()
+        auxk = torch.nan_to_num(aux_err / denom, nan=0.0, posinf=0.0)
+    return LossParts(mse + auxk_coef * auxk, mse, auxk, fwd)
+
+
+def estimate_input_stats(
+    source: BatchSource, max_rows: int, keep_rows: int = 0
+) -> tuple[dict[str, float], Tensor | None]:
+    """Global scale ``sqrt(mean ||x||^2)`` and the mean/spread ratio from the first rows.
+
+    Reads epoch 0 from its start (up to ``max(max_rows, keep_rows)`` rows, in float64) and also
+    returns the first ``keep_rows`` rows when asked (for data-point initialisation).
+    """
+    source.set_epoch(0)
+    want = max(max_rows, keep_rows)
+    sum_sq = 0.0
+    sum_x = torch.zeros(source.d_in, dtype=torch.float64)
+    count = 0
+    kept: list[Tensor] = []
+    for batch in source:
+        batch = batch[: want - count]
+        b64 = batch.to(torch.float64)
+        sum_sq += float(b64.pow(2).sum())
+        sum_x += b64.sum(dim=0)
+        count += batch.shape[0]
+        if keep_rows:
+            kept.append(batch.float())
+        if count >= want:
+            break
+    source.set_epoch(0)
+    if count == 0:
+        raise ValueError("the data source yielded no rows")
+    mean = sum_x / count
+    mean_sq_norm = sum_sq / count
+    spread = math.sqrt(max(mean_sq_norm - float(mean.pow(2).sum()), 0.0))
+    mean_norm = float(mean.norm())
+    stats = {
+        "input_scale": math.sqrt(mean_sq_norm),
+        "mean_norm": mean_norm,
+        "spread": spread,
+        "mean_spread_ratio": mean_norm / spread if spread > 0 else math.inf,
+        "rows": float(count),
+    }
+    return stats, (torch.cat(kept) if keep_rows else None)
+
+
+def data_point_atoms(
+    points_MD: Tensor, n_latents: int, blend: float, gen: torch.Generator
+) -> Tensor:
+    """Atoms ``normalise(blend * x_hat_i + (1 - blend) * g_hat_i)`` from random rows ``x_i``."""
+    m = points_MD.shape[0]
+    if m >= n_latents:
+        pick = torch.randperm(m, generator=gen)[:n_latents]
+    else:
+        pick = torch.randint(0, m, (n_latents,), generator=gen)
+    pts = points_MD[pick].float()
+    pts = pts / pts.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    noise = torch.randn(n_latents, points_MD.shape[1], generator=gen)
+    noise = noise / noise.norm(dim=1, keepdim=True)
+    atoms = blend * pts + (1.0 - blend) * noise
+    return atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device is not None:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _validate_source(cfg: TrainConfig, source: BatchSource) -> None:
+    for attr in ("d_in", "num_rows", "set_epoch", "state_dict", "load_state_dict", "__iter__"):
+        if not hasattr(source, attr):
+            raise TypeError(
+                f"source lacks {attr!r}: pass a topk_sae.TensorSource or another BatchSource"
+            )
+    if cfg.d_in is not None and cfg.d_in != source.d_in:
+        raise ValueError(f"config d_in={cfg.d_in} does not match the source's d_in={source.d_in}")
+    if source.num_rows <= 0 or len(source) <= 0:
+        raise ValueError("the data source is empty")
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Config fields that must match to resume (bookkeeping fields may change)."""
+    ignore = {"progress", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
+    return {k: v for k, v in cfg_dict.items() if k not in ignore}
 
 
 def train(
-    config: TrainConfig, source: BatchSource, *, out_dir: str | Path, resume: bool = True
+    config: TrainConfig,
+    source: BatchSource,
+    *,
+    out_dir: str | Path,
+    resume: bool = True,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train a bias-free TopK SAE on ``source``; checkpoints go to ``out_dir``."""
-    raise NotImplementedError("being implemented (issue 3)")
+    """Train a bias-free TopK SAE on ``source``; checkpoints and the final model go to ``out_dir``.
+
+    With ``resume=True`` an existing checkpoint in ``out_dir`` is continued (it must have been
+    written with the same config and data); the result is bit-identical on CPU to an
+    uninterrupted run when ``config.deterministic`` is set. ``resume=False`` deletes existing
+    checkpoints first. ``callback(step, metrics)`` runs after every step (and its checkpoint).
+    Raises ``TrainingDivergedError`` on a NaN/Inf loss or gradient, keeping the last good
+    checkpoint.
+    """
+    cfg = config
+    _validate_source(cfg, source)
+    device = _resolve_device(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
+    if not resume:
+        ckpts.clear()
+    d_in = source.d_in
+    steps_per_epoch = len(source)
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    sched = Schedule(cfg, steps_per_epoch, total_steps, d_in)
+    dead_after = cfg.dead_after_tokens or max(1, source.num_rows // 2)
+
+    with _deterministic(cfg.deterministic, device):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model = BiasFreeTopKSAE(d_in, cfg.n_latents, cfg.k, generator=gen)
+        ckpt = ckpts.load_latest() if resume else None
+        if ckpt is not None:
+            saved_cfg = ckpt.state["config"]
+            if _comparable(saved_cfg) != _comparable(cfg.to_dict()):
+                diff = sorted(
+                    k
+                    for k in _comparable(cfg.to_dict())
+                    if _comparable(saved_cfg).get(k) != cfg.to_dict()[k]
+                )
+                raise ValueError(
+                    f"{ckpt.path} was written with a different config (fields {diff}); use "
+                    "another out_dir or resume=False to start over"
+                )
+            load_state_strict(model, ckpt.model, str(ckpt.path))
+            input_stats = ckpt.state["input_stats"]
+        else:
+            input_stats, points = estimate_input_stats(
+                source,
+                cfg.scale_estimation_rows,
+                keep_rows=max(cfg.n_latents, cfg.scale_estimation_rows)
+                if cfg.init == "data"
+                else 0,
+            )
+            if cfg.input_scale is not None:
+                input_stats["input_scale"] = float(cfg.input_scale)
+            if not (math.isfinite(input_stats["input_scale"]) and input_stats["input_scale"] > 0):
+                raise ValueError(
+                    f"cannot scale the inputs: estimated scale {input_stats['input_scale']} "
+                    "(all-zero or non-finite features?)"
+                )
+            if input_stats["mean_spread_ratio"] > cfg.uncentered_warn_ratio:
+                warnings.warn(
+                    f"features are strongly uncentred: ||mean|| / spread = "
+                    f"{input_stats['mean_spread_ratio']:.2f} > {cfg.uncentered_warn_ratio}. A "
+                    "bias-free SAE cannot learn this offset; expect dead latents unless you use "
+                    "init='data', k-annealing and AuxK (see the topk-sae README).",
+                    stacklevel=2,
+                )
+            with torch.no_grad():
+                model.input_scale.fill_(input_stats["input_scale"])
+                if cfg.init == "data":
+                    assert points is not None
+                    atoms = data_point_atoms(points, cfg.n_latents, cfg.data_init_blend, gen)
+                    model.W_dec.copy_(atoms)
+                    model.W_enc.copy_(atoms)
+            del points
+        model.to(device)
+        opt = torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps
+        )
+        tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.int64, device=device)
+        epoch_fires = torch.zeros(cfg.n_latents, dtype=torch.int64, device=device)
+        history: list[dict[str, Any]] = []
+        epoch_stats: list[dict[str, Any]] = []
+        step, epoch, epoch_rows, epoch_l0_sum = 0, 0, 0, 0.0
+        if ckpt is not None:
+            opt.load_state_dict(ckpt.optimizer)
+            tokens_since_fired.copy_(ckpt.trainer["tokens_since_fired"])
+            epoch_fires.copy_(ckpt.trainer["epoch_fires"])
+            st = ckpt.state
+            step, epoch = int(st["step"]), int(st["epoch"])
+            epoch_rows, epoch_l0_sum = int(st["epoch_rows"]), float(st["epoch_l0_sum"])
+            history, epoch_stats = st["history"], st["epoch_stats"]
+            source.load_state_dict(st["source"])
+        else:
+            source.set_epoch(0)
+
+        def save_checkpoint() -> Path:
+            return ckpts.save(
+                step,
+                dict(model.state_dict()),
+                opt.state_dict(),
+                {"tokens_since_fired": tokens_since_fired, "epoch_fires": epoch_fires},
+                {
+                    "epoch": epoch,
+                    "epoch_rows": epoch_rows,
+                    "epoch_l0_sum": epoch_l0_sum,
+                    "source": source.state_dict(),
+                    "history": history,
+                    "epoch_stats": epoch_stats,
+                    "input_stats": input_stats,
+                    "config": cfg.to_dict(),
+                    "total_steps": total_steps,
+                },
+            )
+
+        def close_epoch() -> None:
+            nonlocal epoch_rows, epoch_l0_sum
+            if epoch_rows == 0:
+                return
+            freq = epoch_fires.double() / epoch_rows
+            epoch_stats.append(
+                {
+                    "epoch": epoch,
+                    "rows": epoch_rows,
+                    "dead_fraction": float((epoch_fires == 0).double().mean()),
+                    "always_active_fraction": float(
+                        (freq > cfg.always_active_threshold).double().mean()
+                    ),
+                    "mean_l0": epoch_l0_sum / epoch_rows,
+                }
+            )
+            epoch_fires.zero_()
+            epoch_rows, epoch_l0_sum = 0, 0.0
+
+        bar = tqdm(
+            total=total_steps, initial=step, disable=not cfg.progress, desc="topk-sae", unit="step"
+        )
+        try:
+            while step < total_steps:
+                exhausted = True
+                for batch in source:
+                    xs = batch.to(device=device, dtype=torch.float32, non_blocking=True)
+                    xs = xs / model.input_scale
+                    k_now = sched.k_at(step)
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * sched.lr_factor(step)
+                    dead_n = tokens_since_fired >= dead_after
+                    parts = compute_loss(
+                        model,
+                        xs,
+                        k=k_now,
+                        dead_n=dead_n,
+                        k_aux=cfg.k_aux,
+                        auxk_coef=cfg.auxk_coef,
+                        bf16=cfg.autocast_bf16,
+                    )
+                    loss_value = float(parts.total.detach())
+                    if not math.isfinite(loss_value):
+                        raise TrainingDivergedError(
+                            f"non-finite loss {loss_value} at step {step} (epoch {epoch}); "
+                            f"last good checkpoint: {ckpts.latest_path()}. Check the inputs for "
+                            "NaN/Inf or lower the learning rate."
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    parts.total.backward()
+                    model.remove_parallel_grad_()
+                    if cfg.grad_clip_norm is not None:
+                        norm = torch.nn.utils.clip_grad_norm_(
+                            model.parameters(), cfg.grad_clip_norm
+                        )
+                        if not torch.isfinite(norm):
+                            raise TrainingDivergedError(
+                                f"non-finite gradient norm at step {step}; last good "
+                                f"checkpoint: {ckpts.latest_path()}"
+                            )
+                    opt.step()
+                    model.normalize_atoms_()
+
+                    # Firing statistics (a latent fires when its selected value is > 0).
+                    fwd = parts.forward
+                    fired_idx = fwd.indices_NK[fwd.values_NK > 0]
+                    counts = torch.bincount(fired_idx, minlength=cfg.n_latents)
+                    tokens_since_fired += xs.shape[0]
+                    tokens_since_fired[counts > 0] = 0
+                    epoch_fires += counts
+                    epoch_rows += xs.shape[0]
+                    l0 = float(fired_idx.numel()) / xs.shape[0]
+                    epoch_l0_sum += l0 * xs.shape[0]
+                    step += 1
+                    bar.update(1)
+                    metrics = {
+                        "step": step,
+                        "epoch": epoch,
+                        "lr": opt.param_groups[0]["lr"],
+                        "k": k_now,
+                        "loss": loss_value,
+                        "mse": float(parts.mse.detach()),
+                        "auxk": float(parts.auxk),
+                        "l0": l0,
+                        "num_dead": fwd.num_dead,
+                        "dead_fraction": fwd.num_dead / cfg.n_latents,
+                    }
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        with torch.no_grad():
+                            var = (xs - xs.mean(dim=0)).pow(2).sum(dim=1).mean()
+                            metrics["fvu_batch"] = (
+                                float(parts.mse.detach() / var) if var > 0 else math.nan
+                            )
+                        history.append(metrics)
+                        bar.set_postfix(loss=f"{loss_value:.4g}", dead=fwd.num_dead)
+                    if step % cfg.checkpoint_every == 0 or step == total_steps:
+                        save_checkpoint()
+                    if callback is not None:
+                        callback(step, metrics)
+                    if step >= total_steps:
+                        exhausted = False
+                        break
+                if exhausted:
+                    close_epoch()
+                    epoch += 1
+                    source.set_epoch(epoch)
+            close_epoch()  # a fractional last epoch
+        finally:
+            bar.close()
+
+    model.eval()
+    model_dir = model.save_pretrained(
+        out / "model",
+        metadata={
+            "train_config": cfg.to_dict(),
+            "input_stats": input_stats,
+            "steps": total_steps,
+            "final_epoch_stats": epoch_stats[-1] if epoch_stats else None,
+        },
+    )
+    atomic_write_text(
+        out / "history.json",
+        json.dumps({"history": history, "epoch_stats": epoch_stats, "input_stats": input_stats}),
+    )
+    return TrainResult(model, history, epoch_stats, input_stats, model_dir)
