@@ -1,0 +1,30 @@
+"""The B-cos-v2 model zoo: ResNets, DenseNet-121, ViTc-S (official key layout), tiny test models."""
+
+from bcos_layers.models._base import BcosModelMixin, check_image_batch
+from bcos_layers.models.densenet import BcosDenseNet
+from bcos_layers.models.registry import (
+    ModelInfo,
+    PretrainedCfg,
+    create,
+    list_models,
+    load_state_dict_strict,
+)
+from bcos_layers.models.resnet import BasicBlock, BcosResNet, Bottleneck
+from bcos_layers.models.vit import BcosViTClassifier, SimpleViT, build_vitc
+
+__all__ = [
+    "BasicBlock",
+    "BcosDenseNet",
+    "BcosModelMixin",
+    "BcosResNet",
+    "BcosViTClassifier",
+    "Bottleneck",
+    "ModelInfo",
+    "PretrainedCfg",
+    "SimpleViT",
+    "build_vitc",
+    "check_image_batch",
+    "create",
+    "list_models",
+    "load_state_dict_strict",
+]

@@ -1,0 +1,227 @@
+"""Model registry: ``create("resnet50", pretrained=True)`` like timm / torch.hub.
+
+Every entry builds the architecture of the official B-cos-v2 entrypoint of the same name. With
+``pretrained`` the official weights (or a local file) are loaded **strictly**: keys and shapes are
+validated against the model before any tensor is copied, so a mismatch raises a clear error and
+leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bcos_layers.models.densenet import BcosDenseNet
+from bcos_layers.models.resnet import BasicBlock, BcosResNet, Bottleneck
+from bcos_layers.models.vit import build_vitc
+
+__all__ = [
+    "ModelInfo",
+    "PretrainedCfg",
+    "create",
+    "list_models",
+    "load_state_dict_strict",
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registry entry.
+
+    Attributes:
+        name: registry name (= official entrypoint name where one exists).
+        builder: ``builder(**kwargs) -> nn.Module``.
+        resize_size: eval resize before the 224 center crop (232 for ``_long``, else 256).
+        description: one line for :func:`list_models` users.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    resize_size: int
+    description: str
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """What a model was built as; attached to every created model as ``model.pretrained_cfg``.
+
+    Attributes:
+        name: registry name.
+        resize_size: eval resize (Resize → CenterCrop(crop_size) → [0,1] → AddInverse).
+        crop_size: eval center crop.
+        source: ``None`` (random init), ``"official"`` or the path of the loaded file.
+    """
+
+    name: str
+    resize_size: int
+    crop_size: int = 224
+    source: str | None = None
+
+
+def _resnet(block: type, layers: list[int], **kw: object) -> nn.Module:
+    return BcosResNet(block, layers, **kw)  # type: ignore[arg-type]
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def _register(name: str, builder: Callable[..., nn.Module], description: str, resize: int = 256):
+    _REGISTRY[name] = ModelInfo(name, builder, resize, description)
+
+
+for _n, _block, _layers in [
+    ("resnet18", BasicBlock, [2, 2, 2, 2]),
+    ("resnet34", BasicBlock, [3, 4, 6, 3]),
+    ("resnet50", Bottleneck, [3, 4, 6, 3]),
+    ("resnet101", Bottleneck, [3, 4, 23, 3]),
+    ("resnet152", Bottleneck, [3, 8, 36, 3]),
+]:
+    _register(_n, partial(_resnet, _block, _layers), f"B-cos {_n} (B-cos-v2 layout)")
+_register(
+    "resnet50_long",
+    partial(_resnet, Bottleneck, [3, 4, 6, 3], stochastic_depth_prob=0.1),
+    "B-cos resnet50, long schedule (stochastic depth 0.1; checkpoint bcos_final_long)",
+    resize=232,
+)
+_register("densenet121", BcosDenseNet, "B-cos DenseNet-121 (B-cos-v2 layout)")
+_register(
+    "densenet121_long",
+    BcosDenseNet,
+    "B-cos DenseNet-121, long schedule (checkpoint bcos_final_long)",
+    resize=232,
+)
+_register("vitc_s_patch1_14", build_vitc, "B-cos ViTc-S: conv stem + 11 encoders, 14x14 tokens")
+_register(
+    "tiny_resnet",
+    partial(_resnet, BasicBlock, [1, 1, 1, 1], inplanes=8, num_classes=10),
+    "tiny B-cos ResNet for tests (BasicBlock [1,1,1,1], width 8, 10 classes)",
+)
+_register(
+    "tiny_resnet_bottleneck",
+    partial(_resnet, Bottleneck, [1, 1, 1, 1], inplanes=8, num_classes=10),
+    "tiny B-cos ResNet for tests (Bottleneck [1,1,1,1], width 8, 10 classes)",
+)
+_register(
+    "tiny_densenet",
+    partial(
+        BcosDenseNet,
+        growth_rate=8,
+        block_config=(2, 2, 2, 2),
+        num_init_features=16,
+        bn_size=2,
+        num_classes=10,
+    ),
+    "tiny B-cos DenseNet for tests (growth 8, blocks (2,2,2,2), 10 classes)",
+)
+_register(
+    "tiny_vitc",
+    partial(
+        build_vitc, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64, conv_stem=(12, 24, 32)
+    ),
+    "tiny B-cos ViTc for tests (stem x8, dim 32, 2 encoders, 10 classes)",
+)
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_REGISTRY)
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, but validated first.
+
+    Raises ``ValueError`` listing missing keys, unexpected keys and shape mismatches (naming
+    ``source``) before anything is copied, so a failed load leaves the model unchanged.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if missing or unexpected or shapes or not_tensors:
+
+        def fmt(title: str, items: list[str]) -> str:
+            more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
+            return f"\n  {title} ({len(items)}): {items[:10]}{more}" if items else ""
+
+        raise ValueError(
+            f"{source} does not match {type(model).__name__} (is it for another architecture?)"
+            + fmt("missing keys", missing)
+            + fmt("unexpected keys", unexpected)
+            + fmt("shape mismatches", shapes)
+            + fmt("non-tensor values", not_tensors)
+            + "\nNothing was loaded."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict")
+    return obj
+
+
+def create(
+    name: str, *, pretrained: bool | str | os.PathLike[str] = False, **kwargs: object
+) -> nn.Module:
+    """Build a registered model (in eval mode) and optionally load weights strictly.
+
+    Args:
+        name: one of :func:`list_models`.
+        pretrained: ``False`` (random init), ``True`` (official B-cos-v2 checkpoint of ``name``,
+            downloaded and hash-checked by :mod:`bcos_layers.pretrained`), or a path to a local
+            checkpoint (``.pth`` plain state dict or ``.safetensors``).
+        **kwargs: constructor overrides (e.g. ``num_classes``); with ``pretrained`` the strict
+            load reports any resulting mismatch with the checkpoint.
+
+    Returns the model in eval mode (explanations need eval-mode norms), with
+    ``model.pretrained_cfg`` (:class:`PretrainedCfg`) attached.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    info = _REGISTRY[name]
+    model = info.builder(**kwargs)
+    source: str | None = None
+    resize = info.resize_size
+    if pretrained is not False and pretrained is not None:
+        from bcos_layers import pretrained as official
+
+        if pretrained is True:
+            if name not in official.OFFICIAL_CHECKPOINTS:
+                raise ValueError(
+                    f"no official checkpoint for {name!r}; official ones: "
+                    f"{', '.join(sorted(official.OFFICIAL_CHECKPOINTS))}. Pass a file path instead."
+                )
+            state = official.load_official_state_dict(name)
+            source = "official"
+            resize = official.OFFICIAL_CHECKPOINTS[name].resize_size
+        else:
+            path = Path(pretrained)
+            if name in official.OFFICIAL_CHECKPOINTS:
+                state = official.load_official_state_dict(name, file=path)
+            else:
+                state = _read_state_dict_file(path)
+            source = str(path)
+        load_state_dict_strict(model, state, source=f"checkpoint {source!r} for {name!r}")
+    model.pretrained_cfg = PretrainedCfg(name=name, resize_size=resize, source=source)
+    return model.eval()
