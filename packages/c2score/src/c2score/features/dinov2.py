@@ -27,7 +27,7 @@ _MODEL_CLASSES: dict[str, type[Dinov2Model] | type[Dinov2WithRegistersModel]] = 
 }
 
 
-def hub_kwargs(
+def _hub_kwargs(
     *,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
@@ -87,7 +87,7 @@ class Dinov2PatchFeatures(nn.Module):
         The class is chosen from the checkpoint's ``config.json`` (``model_type``); checkpoints
         of task models (e.g. ``Dinov2ForImageClassification``) load their backbone.
         """
-        kwargs = hub_kwargs(
+        kwargs = _hub_kwargs(
             revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
         config = AutoConfig.from_pretrained(str(model_id_or_path), **kwargs)
