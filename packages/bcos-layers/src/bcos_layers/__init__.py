@@ -1,5 +1,6 @@
 """B-cos networks: dynamic-linear layers, model zoo, official B-cos-v2 checkpoints, exact explanations."""
 
+from bcos_layers.explain import Explanation, explain
 from bcos_layers.explanation_mode import explanation_mode
 from bcos_layers.layers import (
     AddInverse,
@@ -19,9 +20,17 @@ from bcos_layers.layers import (
 )
 from bcos_layers.models import create, list_models
 
+# Checkpoints, transforms, visualization and training live in their own modules; their main
+# entry points are re-exported here.
+from bcos_layers.pretrained import OFFICIAL_CHECKPOINTS, load_official_state_dict
+from bcos_layers.training import UniformOffLabelBCELoss
+from bcos_layers.transforms import eval_transform
+from bcos_layers.visualize import contribution_heatmap, explanation_rgba, save_explanation_png
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "OFFICIAL_CHECKPOINTS",
     "AddInverse",
     "Attention",
     "BatchNormUncentered2d",
@@ -31,13 +40,21 @@ __all__ = [
     "DetachableLayerNorm",
     "DetachableModule",
     "Encoder",
+    "Explanation",
     "FeedForward",
     "LayerNorm2d",
     "LogitLayer",
     "PosEmbSinCos2d",
     "Transformer",
+    "UniformOffLabelBCELoss",
     "__version__",
+    "contribution_heatmap",
     "create",
+    "eval_transform",
+    "explain",
     "explanation_mode",
+    "explanation_rgba",
     "list_models",
+    "load_official_state_dict",
+    "save_explanation_png",
 ]

@@ -167,18 +167,12 @@ def load_state_dict_strict(
     model.load_state_dict(state_dict, strict=True)
 
 
-def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only``)."""
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict")
-    return obj
+    return load_file(str(path))
 
 
 def create(
@@ -190,7 +184,9 @@ def create(
         name: one of :func:`list_models`.
         pretrained: ``False`` (random init), ``True`` (official B-cos-v2 checkpoint of ``name``,
             downloaded and hash-checked by :mod:`bcos_layers.pretrained`), or a path to a local
-            checkpoint (``.pth`` plain state dict or ``.safetensors``).
+            checkpoint: ``.safetensors``, or a ``torch.save``'d plain state dict loaded with
+            ``weights_only=True`` (for official names its file name must carry the SHA-256
+            prefix, see :func:`bcos_layers.pretrained.load_official_state_dict`).
         **kwargs: constructor overrides (e.g. ``num_classes``); with ``pretrained`` the strict
             load reports any resulting mismatch with the checkpoint.
 
@@ -216,11 +212,13 @@ def create(
             source = "official"
             resize = official.OFFICIAL_CHECKPOINTS[name].resize_size
         else:
-            path = Path(pretrained)
-            if name in official.OFFICIAL_CHECKPOINTS:
+            path = Path(pretrained).expanduser()
+            if path.suffix == ".safetensors":
+                state = _read_safetensors(path)
+            elif name in official.OFFICIAL_CHECKPOINTS:  # hash-checked like the release files
                 state = official.load_official_state_dict(name, file=path)
-            else:
-                state = _read_state_dict_file(path)
+            else:  # our own models: a safe weights_only load, no hash convention
+                state, _ = official.load_state_dict_file(path, check_hash=False)
             source = str(path)
         load_state_dict_strict(model, state, source=f"checkpoint {source!r} for {name!r}")
     model.pretrained_cfg = PretrainedCfg(name=name, resize_size=resize, source=source)

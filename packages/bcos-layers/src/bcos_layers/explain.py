@@ -1,0 +1,220 @@
+"""Exact explanations of B-cos models: dynamic linear weights ``W(x)`` and contributions.
+
+In explanation mode a B-cos network computes ``y = W(x) x`` with every dynamic factor detached,
+so ``∂y/∂x = W(x)`` and the contributions ``x ⊙ W(x)`` sum to ``y`` exactly -- up to the
+network's constant terms: the logit bias and, for ViTs, the fixed positional embedding. Both are
+made explicit here (as leaves of the autograd graph), so that per sample
+
+    contributions.sum() + bias + pos_emb == value        (completeness, float32 round-off)
+
+and ``completeness_error`` reports the gap. Works batched: in eval mode samples never interact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from bcos_layers.explanation_mode import explanation_mode
+from bcos_layers.layers.misc import LogitLayer, PosEmbSinCos2d
+
+__all__ = ["Explanation", "explain"]
+
+
+class Explanation(NamedTuple):
+    """Result of :func:`explain` (``B`` = batch size; ``[C, H, W]`` = the explained tensor).
+
+    Attributes:
+        weights: dynamic linear weights ``W(x) = ∂value/∂x`` in explanation mode, ``[B, C, H, W]``.
+        contributions: ``x ⊙ W(x)``, ``[B, C, H, W]``.
+        contribution_map: contributions summed over channels, ``[B, H, W]``.
+        value: the explained scalar per sample (e.g. the logit, bias included), ``[B]``.
+        bias: contribution of the logit-layer bias to ``value``, ``[B]`` (0 if none).
+        pos_emb: contribution of the fixed positional embedding (ViT), ``[B]`` (0 if none).
+        completeness_error: ``value - contributions.sum() - bias - pos_emb``, ``[B]``.
+        target: explained class per sample, ``[B]`` int64 (``None`` for a custom ``fn``).
+        output: the model output (logits) ``[B, K]``; ``None`` when ``layer`` stopped early.
+    """
+
+    weights: Tensor
+    contributions: Tensor
+    contribution_map: Tensor
+    value: Tensor
+    bias: Tensor
+    pos_emb: Tensor
+    completeness_error: Tensor
+    target: Tensor | None
+    output: Tensor | None
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the explained activation exists: the rest is not needed."""
+
+
+def _find_module(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, list(modules), n=5)
+        raise ValueError(f"no module named {name!r} in {type(model).__name__}; close: {close}")
+    return modules[name]
+
+
+def _targets(target: int | Tensor | None, out: Tensor) -> Tensor:
+    b, k = out.shape
+    if target is None:
+        return out.argmax(1)
+    t = torch.as_tensor(target, device=out.device)
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"target must be an int or an integer tensor, got {t.dtype}")
+    t = t.long().expand(b) if t.dim() == 0 else t.long()
+    if t.shape != (b,):
+        raise ValueError(f"target must be an int or have shape [{b}], got {tuple(t.shape)}")
+    if bool(((t < 0) | (t >= k)).any()):
+        raise ValueError(f"target indices must lie in [0, {k}), got {t.tolist()}")
+    return t
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    target: int | Tensor | None = None,
+    *,
+    layer: str | None = None,
+    fn: Callable[[Tensor], Tensor] | None = None,
+    wrt: str | None = None,
+) -> Explanation:
+    """Explain one scalar per sample of a B-cos ``model`` (in eval mode) on the batch ``x``.
+
+    Args:
+        model: a B-cos model (any module with explanation-mode layers, official ones included).
+        x: the input batch, e.g. ``[B, 6, H, W]``; not modified.
+        target: class to explain for every sample (int), per sample (``[B]``), or ``None`` for
+            the predicted class. Only for logits (``layer is None`` and ``fn is None``).
+        layer: name of a module (``model.named_modules()``) whose output is explained instead
+            of the logits; the forward pass stops there.
+        fn: maps the explained tensor (the logits, or ``layer``'s output) to one value per
+            sample ``[B]``, e.g. ``lambda a: a[:, 7].sum((1, 2))`` (channel 7 of a CNN layer).
+        wrt: explain in terms of this module's output instead of the input ``x`` (e.g.
+            ``"layer3"``: ``weights`` = ``∂value/∂f``, ``contributions`` = ``f ⊙ weights``).
+
+    Returns:
+        An :class:`Explanation` (all tensors detached).
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor (a batch of B-cos model inputs)")
+    if model.training:
+        raise ValueError(
+            "explain() needs model.eval(): in training mode batch statistics mix samples and "
+            "the model is not a per-sample dynamic-linear map"
+        )
+    if layer is not None and target is not None:
+        raise ValueError("target selects a logit; with layer=... pass fn to pick the value")
+    if layer is not None and fn is None:
+        raise ValueError("layer=... needs fn mapping that layer's output to one value per sample")
+    if fn is not None and target is not None:
+        raise ValueError("pass either target (a logit) or fn (a custom value), not both")
+
+    x = x.detach().clone().requires_grad_(True)
+    batch = x.shape[0]
+    bias_leaves: list[Tensor] = []
+    pe_leaves: list[Tensor] = []
+    captured: dict[str, Tensor] = {}
+    handles = []
+
+    def logit_hook(mod: LogitLayer, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+        if mod.logit_bias is None:
+            return None
+        z = inputs[0]
+        if mod.logit_temperature is not None:
+            z = z / mod.logit_temperature
+        leaf = torch.full_like(z, mod.logit_bias).requires_grad_(True)
+        bias_leaves.append(leaf)
+        return z + leaf
+
+    def pe_hook(mod: PosEmbSinCos2d, inputs: tuple[Tensor, ...], pe: Tensor) -> Tensor:
+        leaf = pe.expand(inputs[0].shape[0], *pe.shape).clone().requires_grad_(True)
+        if "wrt" not in captured:  # a positional embedding upstream of `wrt` is inside f
+            pe_leaves.append(leaf)
+        return leaf
+
+    def capture(key: str, stop: bool) -> Callable[..., None]:
+        def hook(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"module output is a {type(out).__name__}, expected a Tensor")
+            captured[key] = out
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for m in model.modules():
+            if isinstance(m, LogitLayer):
+                handles.append(m.register_forward_hook(logit_hook))
+            elif isinstance(m, PosEmbSinCos2d):
+                handles.append(m.register_forward_hook(pe_hook))
+        if wrt is not None:
+            handles.append(_find_module(model, wrt).register_forward_hook(capture("wrt", False)))
+        if layer is not None:
+            handles.append(_find_module(model, layer).register_forward_hook(capture("layer", True)))
+        with torch.enable_grad(), explanation_mode(model):
+            out: Tensor | None = None
+            with contextlib.suppress(_StopForward):
+                out = model(x)
+            explained = captured["layer"] if layer is not None else out
+            assert explained is not None
+            tgt: Tensor | None = None
+            if fn is not None:
+                value = fn(explained)
+            else:
+                if explained.dim() != 2:
+                    raise ValueError(
+                        f"model output has shape {tuple(explained.shape)}; pass fn to reduce it"
+                    )
+                tgt = _targets(target, explained)
+                value = explained.gather(1, tgt[:, None])[:, 0]
+            if value.shape != (batch,):
+                raise ValueError(
+                    f"fn must return one value per sample [{batch}], got {tuple(value.shape)}"
+                )
+            if wrt is not None and "wrt" not in captured:
+                raise ValueError(f"module {wrt!r} did not run before the explained value")
+            base = captured["wrt"] if wrt is not None else x
+            leaves = [base, *bias_leaves, *pe_leaves]
+            grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def term(ls: list[Tensor], gs: tuple[Tensor | None, ...]) -> Tensor:
+        total = torch.zeros(batch, dtype=value.dtype, device=value.device)
+        for leaf, g in zip(ls, gs):
+            if g is not None:
+                total = total + (leaf.detach() * g).flatten(1).sum(1)
+        return total
+
+    weights = grads[0] if grads[0] is not None else torch.zeros_like(base)
+    base = base.detach()
+    contributions = base * weights
+    nb = len(bias_leaves)
+    bias = term(bias_leaves, grads[1 : 1 + nb])
+    pos_emb = term(pe_leaves, grads[1 + nb :])
+    value = value.detach()
+    error = value - (contributions.flatten(1).sum(1) + bias + pos_emb)
+    contribution_map = contributions.sum(1) if contributions.dim() == 4 else contributions
+    return Explanation(
+        weights=weights,
+        contributions=contributions,
+        contribution_map=contribution_map,
+        value=value,
+        bias=bias,
+        pos_emb=pos_emb,
+        completeness_error=error,
+        target=tgt,
+        output=None if out is None else out.detach(),
+    )
