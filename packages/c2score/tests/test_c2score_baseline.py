@@ -1,0 +1,61 @@
+"""The random-concept baseline: thresholded (not floored) uniform maps; ~0 for centred noise."""
+
+import pytest
+import torch
+
+from c2score import (
+    EvalConfig,
+    OracleFeatures,
+    RandomBaselineConfig,
+    evaluate_c2,
+    random_attribution,
+)
+
+
+def test_random_map_is_a_threshold_not_a_floor() -> None:
+    zero_fracs = []
+    for i in range(200):
+        a, w = random_attribution(0, i, (32, 32))
+        nz = a[a > 0]
+        # threshold at level t: a fraction ~t of the pixels is 0 and the kept values start at
+        # ~t (a floor, clip(min=t), would have no zeros and the level as its minimum).
+        frac_zero = 1 - len(nz) / a.numel()
+        level = float(nz.min()) if len(nz) else 1.0
+        assert abs(frac_zero - level) < 0.06
+        assert float(nz.max()) <= 1.0
+        assert w == pytest.approx(float(a.mean()))
+        zero_fracs.append(float((a == 0).float().mean()))
+    # the level is U(0, 1), so the dropped fraction is too: its mean is ~1/2, spread wide
+    fr = torch.tensor(zero_fracs)
+    assert 0.4 < float(fr.mean()) < 0.6 and float(fr.min()) < 0.1 and float(fr.max()) > 0.9
+
+
+def test_random_maps_are_reproducible_per_seed_and_image() -> None:
+    a, _ = random_attribution(1, 5, (8, 8))
+    b, _ = random_attribution(1, 5, (8, 8))
+    c, _ = random_attribution(2, 5, (8, 8))
+    d, _ = random_attribution(1, 6, (8, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+    assert random_attribution(0, 0, (4, 4), weight="uniform")[1] == 1.0
+
+
+def test_baseline_is_near_zero_for_centred_random_features_even_with_an_offset() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, d, s = 150, 16, 12
+    noise = torch.randn(n, d, s, s, generator=g)
+    images = [torch.rand(3, s, s, generator=g) for _ in range(n)]
+    acts = torch.zeros(n, 1)
+    maps = torch.zeros(n, 1, s, s)
+    for offset in (0.0, 3.0):  # a shared offset would make uncentred features all similar
+        oracle = OracleFeatures(noise + offset, dim=d)
+        res = evaluate_c2(images, acts, maps, oracle, EvalConfig(progress=False))
+        assert abs(res.baseline_mean) < 0.02, res.baseline_per_seed
+        assert 0 < res.baseline_std < 0.02
+        assert res.skipped_concepts["no_active_images"] == [0]
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        RandomBaselineConfig(seeds=())
+    with pytest.raises(ValueError, match="weight"):
+        RandomBaselineConfig(weight="sum")  # type: ignore[arg-type]

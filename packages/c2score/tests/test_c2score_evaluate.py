@@ -1,0 +1,214 @@
+"""Streaming evaluation == a direct dense computation of Eq. 13-16; resume; batching; cache."""
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2score import (
+    EvalConfig,
+    RandomBaselineConfig,
+    SelectionConfig,
+    evaluate_c2,
+    random_attribution,
+)
+
+N, C, D, H, W = 36, 6, 8, 12, 10
+
+
+class TinyExtractor:
+    """A fixed random per-pixel map of RGB (plus position) to D features; counts calls."""
+
+    patch_size = 2
+
+    def __init__(self, dim: int = D, fail_at: int | None = None) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.w = torch.randn(dim, 5, generator=g)
+        self.dim = dim
+        self.fail_at = fail_at
+        self.seen: list[int] = []
+        self.lowres_calls = 0
+
+    def _feats(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        inp = torch.cat([x, yy.expand(b, 1, h, w), xx.expand(b, 1, h, w)], dim=1)
+        return torch.tanh(torch.einsum("dc,bchw->bdhw", self.w, inp)) + 0.5
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail_at in self.seen_next(x):
+            raise RuntimeError("simulated crash")
+        return self._feats(x)
+
+    def seen_next(self, x: torch.Tensor) -> list[int]:  # images are tagged by their pixel (0,0)
+        idx = [round(float(v) * 100) for v in x[:, 0, 0, 0]]
+        self.seen += idx
+        return idx
+
+
+def _data(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, H, W, generator=g) for _ in range(N)]
+    for i, im in enumerate(images):
+        im[0, 0, 0] = i / 100  # a tag so the tiny extractor can tell which image it sees
+    acts = torch.rand(N, C, generator=g) - 0.3
+    acts[:, 4] = -1.0  # never active
+    acts[:3, 4] = 1.0  # 3 active: too few
+    maps = torch.randn(N, C, H // 2, W // 2, generator=g)
+    maps[5, 0] = -1.0  # an all-negative map of a selected pair: relu sum 0 -> pair skipped
+    acts[5, 0] = 5.0
+    return images, acts, maps
+
+
+def _reference(images, acts, maps, extractor, sel_cfg, seeds):
+    """Eq. 13-16 computed directly: all features in memory, explicit loops, N x N pairs."""
+    feats = torch.cat([extractor._feats(im[None]) for im in images]).double()
+    mu = feats.mean(dim=(0, 2, 3))
+    centred = feats - mu[None, :, None, None]
+    up = torch.nn.functional.interpolate(maps.float(), size=(H, W), mode="bilinear").double()
+
+    def consistency(pairs):
+        num = den = 0.0
+        for (ei, wi), (ej, wj) in itertools.permutations(pairs, 2):
+            num += wi * wj * float(torch.nn.functional.cosine_similarity(ei, ej, dim=0))
+            den += wi * wj
+        return num / den
+
+    def emb(a, f):
+        a = a.clamp_min(0)
+        return (a[None] * f).sum(dim=(1, 2)) / a.sum()
+
+    scores = {}
+    for c in range(acts.shape[1]):
+        col = acts[:, c]
+        act = [i for i in range(N) if col[i] > 0]
+        act.sort(key=lambda i: (-float(col[i]), i))
+        k = (
+            len(act)
+            if len(act) <= sel_cfg.min_top
+            else max(sel_cfg.min_top, math.ceil(0.05 * len(act)))
+        )
+        chosen = [i for i in act[:k] if float(up[i, c].clamp_min(0).sum()) > 0]
+        if len(chosen) >= sel_cfg.min_images:
+            scores[c] = consistency([(emb(up[i, c], centred[i]), float(col[i])) for i in chosen])
+    base = []
+    for s in seeds:
+        pairs = []
+        for i in range(N):
+            a, w = random_attribution(s, i, (H, W))
+            pairs.append((emb(a.double(), centred[i]), w))
+        base.append(consistency(pairs))
+    return scores, base
+
+
+def test_streaming_equals_direct_reference() -> None:
+    images, acts, maps = _data()
+    sel_cfg = SelectionConfig(top_fraction=0.05, min_top=10, min_images=5)
+    cfg = EvalConfig(selection=sel_cfg, batch_size=4, progress=False)
+    ext = TinyExtractor()
+    res = evaluate_c2(images, acts, maps, ext, cfg)
+    scores, base = _reference(images, acts, maps, ext, sel_cfg, cfg.baseline.seeds)
+    assert res.concept_ids == sorted(scores)
+    for c, v in zip(res.concept_ids, res.consistency):
+        assert v == pytest.approx(scores[c], abs=1e-5)
+    assert [res.baseline_per_seed[s] for s in (0, 1, 2)] == pytest.approx(base, abs=1e-5)
+    expected_c2 = sum(scores.values()) / len(scores) - sum(base) / 3
+    assert res.c2 == pytest.approx(expected_c2, abs=1e-5)
+    assert res.skipped_concepts["too_few_images"] == [4]
+    assert res.skipped_pairs == {"empty_attribution": 1}
+    assert res.n_images_used == N
+
+
+def _assert_same(a, b) -> None:
+    assert a.concept_ids == b.concept_ids
+    assert a.consistency == pytest.approx(b.consistency, abs=1e-9)
+    assert a.baseline_per_seed == pytest.approx(b.baseline_per_seed, abs=1e-9)
+    assert a.skipped_pairs == b.skipped_pairs and a.skipped_images == b.skipped_images
+
+
+def test_batch_size_does_not_change_the_result() -> None:
+    images, acts, maps = _data(1)
+    runs = [
+        evaluate_c2(images, acts, maps, TinyExtractor(), EvalConfig(batch_size=b, progress=False))
+        for b in (1, 5)
+    ]
+    _assert_same(*runs)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    images, acts, maps = _data(2)
+    cfg = EvalConfig(batch_size=2, checkpoint_every=4, progress=False)
+    full = evaluate_c2(images, acts, maps, TinyExtractor(), cfg)
+    crashing = TinyExtractor(fail_at=21)
+    with pytest.raises(RuntimeError, match="simulated"):
+        evaluate_c2(images, acts, maps, crashing, cfg, work_dir=tmp_path)
+    again = TinyExtractor()
+    resumed = evaluate_c2(images, acts, maps, again, cfg, work_dir=tmp_path)
+    _assert_same(full, resumed)
+    assert min(again.seen) == 20  # images 0..19 came from the checkpoint, not recomputed
+    # a finished work dir answers without touching the images again
+    third = TinyExtractor()
+    _assert_same(full, evaluate_c2(images, acts, maps, third, cfg, work_dir=tmp_path))
+    assert third.seen == []
+    with pytest.raises(ValueError, match="fingerprint"):
+        evaluate_c2(images, acts * 2, maps, TinyExtractor(), cfg, work_dir=tmp_path)
+
+
+class TwoStage(TinyExtractor):
+    """Exposes lowres / upsample like the DINOv2 + upsampler extractors."""
+
+    def lowres(self, x: torch.Tensor) -> torch.Tensor:
+        self.lowres_calls += len(x)
+        return self._feats(x)[:, :, ::2, ::2]
+
+    def upsample(self, low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(low, size=x.shape[-2:], mode="nearest")
+
+
+def test_lowres_cache_is_reused(tmp_path: Path) -> None:
+    images, acts, maps = _data(3)
+    cfg = EvalConfig(batch_size=3, progress=False)
+    first, second = TwoStage(), TwoStage()
+    a = evaluate_c2(images, acts, maps, first, cfg, lowres_cache=tmp_path)
+    b = evaluate_c2(images, acts, maps, second, cfg, lowres_cache=tmp_path)
+    assert first.lowres_calls == N and second.lowres_calls == 0
+    _assert_same(a, b)
+    c = evaluate_c2(images, acts, maps, TwoStage(), cfg)  # no cache: plain __call__
+    assert not math.isclose(a.c2, c.c2, abs_tol=1e-6)  # __call__ is full-res, lowres is not
+
+
+def test_bad_inputs_fail_up_front_or_are_counted() -> None:
+    images, acts, maps = _data(4)
+    cfg = EvalConfig(progress=False)
+    with pytest.raises(ValueError, match="rows"):
+        evaluate_c2(images[:-1], acts, maps, TinyExtractor(), cfg)
+    with pytest.raises(ValueError, match="attribution maps cover"):
+        evaluate_c2(images, acts, maps[:, :3], TinyExtractor(), cfg)
+    acts = acts.clone()
+    acts[3, 1] = float("nan")
+    bad = list(images)
+    bad[7] = torch.rand(3, 1, 1)  # smaller than the patch
+    bad[8] = torch.full((3, H, W), 2.0)  # float image outside [0, 1]
+    maps = maps.clone()
+    maps[9, 2] = float("nan")
+    acts[9, 2] = 5.0
+    res = evaluate_c2(bad, acts, maps, TinyExtractor(), cfg)
+    assert res.skipped_concepts["non_finite_activations"] == [1]
+    assert res.skipped_images == {"smaller_than_patch": 1, "invalid_image": 1}
+    assert res.n_images_used == N - 2
+    assert res.skipped_pairs["non_finite_attribution"] == 1
+
+
+def test_generators_are_accepted_and_checked() -> None:
+    images, acts, maps = _data(5)
+    cfg = EvalConfig(progress=False, baseline=RandomBaselineConfig(seeds=(3,)))
+    a = evaluate_c2(iter(images), acts, maps, TinyExtractor(), cfg)
+    b = evaluate_c2(images, acts, maps, TinyExtractor(), cfg)
+    _assert_same(a, b)
+    assert a.baseline_std == 0.0
+    with pytest.raises(ValueError, match="only 30 images"):
+        evaluate_c2(iter(images[:30]), acts, maps, TinyExtractor(), cfg)
+    with pytest.raises(ValueError, match="more images"):
+        evaluate_c2(iter([*images, images[0]]), acts, maps, TinyExtractor(), cfg)
