@@ -395,33 +395,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def resolve_weights(
-    source: str | Path = DEFAULT_LOFTUP,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    filename: str = LOFTUP_FILENAME,
-) -> Path:
-    """Local path of the weights: an existing file, ``<dir>/<filename>``, or a Hub download."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        return path / filename
-    return Path(
-        hf_hub_download(
-            repo_id=str(source),
-            filename=filename,
-            revision=revision,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-            local_files_only=local_files_only,
-            token=token,
-        )
-    )
-
-
 def load_loftup(
     source: str | Path = DEFAULT_LOFTUP,
     *,
@@ -431,15 +404,22 @@ def load_loftup(
     token: str | bool | None = None,
     filename: str = LOFTUP_FILENAME,
 ) -> LoftUpWithChannelNorm:
-    """Official LoftUp weights from a Hub repo id, a local directory or a local file (eval mode)."""
-    path = resolve_weights(
-        source,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        filename=filename,
-    )
+    """Official LoftUp weights (eval mode) from a local file, ``<directory>/<filename>``, or a
+    Hub repo id (``hf_hub_download`` with ``revision``, ``cache_dir``, ``local_files_only``)."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / filename
+    elif not path.is_file():
+        path = Path(
+            hf_hub_download(
+                repo_id=str(source),
+                filename=filename,
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=local_files_only,
+                token=token,
+            )
+        )
     return LoftUpWithChannelNorm.from_state_dict(read_state_dict(path))
 
 
