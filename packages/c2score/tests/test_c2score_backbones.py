@@ -75,7 +75,11 @@ def test_default_spec_resolves_official_repos_offline(tmp_path: Path, files) -> 
     loftup_file = tmp_path / "pytorch_model.bin"
     shutil.copy(files["loftup"], loftup_file)
     _put_in_hub_cache(cache, "haiwen/loftup-dinov2s", [loftup_file])
-    extractor = make_extractor(cache_dir=cache, local_files_only=True, upsampler_revision="main")
+    extractor = make_extractor(cache_dir=cache, local_files_only=True)
+    pinned = make_extractor(
+        cache_dir=cache, local_files_only=True, revision=COMMIT, upsampler_revision=COMMIT
+    )
+    assert pinned.dim == extractor.dim == DIM
     assert isinstance(extractor.upsampler, LoftUpUpsampler)
     assert isinstance(extractor, PixelFeatureExtractor)
     assert isinstance(extractor, TwoStageFeatureExtractor)

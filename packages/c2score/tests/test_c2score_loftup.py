@@ -305,8 +305,9 @@ def test_loads_from_hub_cache_offline(tmp_path: Path, weights_file: Path) -> Non
     assert up.dim == DIM
     up = LoftUpUpsampler.from_pretrained("someone/loftup-tiny", revision=commit, **kwargs)
     assert up.dim == DIM
-    with pytest.raises(Exception, match=r"(?i)cache|offline|local|not found"):
-        load_loftup("someone/not-there", **kwargs)
+    for repo, revision in (("someone/not-there", None), ("someone/loftup-tiny", "f" * 40)):
+        with pytest.raises(Exception, match=r"(?i)cache|offline|local|not found"):
+            load_loftup(repo, revision=revision, **kwargs)
 
 
 def test_parity_with_reference_batchwide_float64(reference: RefWrapper, state_dict) -> None:
