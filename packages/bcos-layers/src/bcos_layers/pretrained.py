@@ -306,12 +306,14 @@ def load_official_state_dict(
     Args:
         name: a key of :data:`OFFICIAL_CHECKPOINTS` (``resnet50``, ``resnet50_long``,
             ``densenet121``, ``densenet121_long``, ``vitc_s_patch1_14``).
-        file: a local checkpoint file to use instead of the download. Its integrity is checked
-            against ``sha256`` if given, else against the hash prefix in its file name
-            (``<stem>-<hex>.pth``, as the release files are named). A file whose name carries
-            no hash needs ``sha256=...`` or an explicit ``check_hash=False``. A verified file
-            that is not the official ``name`` release file (e.g. fine-tuned weights) loads with
-            a warning; the model checks its keys against the architecture.
+        file: a local checkpoint to use instead of the download: a directory written by
+            :func:`convert_to_safetensors` (or its ``model.safetensors``; its ``config.json``
+            must name ``name``'s architecture), or a ``.pth`` file. A ``.pth`` file's integrity
+            is checked against ``sha256`` if given, else against the hash prefix in its file
+            name (``<stem>-<hex>.pth``, as the release files are named). A file whose name
+            carries no hash needs ``sha256=...`` or an explicit ``check_hash=False``. A verified
+            file that is not the official ``name`` release file (e.g. fine-tuned weights) loads
+            with a warning; the model checks its keys against the architecture.
         progress: show a progress bar while downloading.
         sha256: expected SHA-256 (full digest or a prefix of at least 8 hex digits) of ``file``.
         check_hash: verify the SHA-256 of ``file`` (default). ``False`` only for files you
@@ -323,7 +325,8 @@ def load_official_state_dict(
         FileNotFoundError: ``file`` does not exist.
         CheckpointHashError: the SHA-256 does not match (the error names file and digests).
         CheckpointError: no hash to verify against, truncated/corrupt file, non-tensor objects
-            (rejected by ``weights_only``), or not a flat ``dict[str, Tensor]``.
+            (rejected by ``weights_only``), not a flat ``dict[str, Tensor]``, or a converted
+            checkpoint of another architecture.
     """
     ckpt = official_checkpoint(name)
     if file is None:
@@ -332,7 +335,12 @@ def load_official_state_dict(
                 "sha256= and check_hash= apply to a local file=...; downloads are always verified"
             )
         return _load_tensor_dict(download_official(name, progress=progress, model_dir=model_dir))
-    state, digest = load_state_dict_file(file, sha256=sha256, check_hash=check_hash)
+    path = Path(file).expanduser()
+    if path.is_dir() or path.suffix == ".safetensors":
+        if sha256 is not None:
+            raise ValueError("sha256= applies to .pth files, not to converted safetensors")
+        return load_safetensors_checkpoint(path, arch=ckpt.arch).state_dict
+    state, digest = load_state_dict_file(path, sha256=sha256, check_hash=check_hash)
     if digest is not None and not digest.startswith(ckpt.sha256_prefix):
         warnings.warn(
             f"checkpoint file {file} (sha256 {digest[:10]}...) is not the official {name!r} "
