@@ -81,9 +81,7 @@ def test_official_urls_agree_with_bcos_library() -> None:
     assert P.OFFICIAL_CHECKPOINTS["resnet50"].url == URLS["bcos_final"]["resnet_50"]
     assert P.OFFICIAL_CHECKPOINTS["densenet121"].url == URLS["bcos_final"]["densenet_121"]
     assert P.OFFICIAL_CHECKPOINTS["resnet50_long"].url == URLS["bcos_final_long"]["resnet_50"]
-    assert (
-        P.OFFICIAL_CHECKPOINTS["densenet121_long"].url == URLS["bcos_final_long"]["densenet_121"]
-    )
+    assert P.OFFICIAL_CHECKPOINTS["densenet121_long"].url == URLS["bcos_final_long"]["densenet_121"]
     assert (
         P.OFFICIAL_CHECKPOINTS["vitc_s_patch1_14"].url == URLS["vit_final"]["bcos_vitc_s_patch1_14"]
     )
@@ -300,6 +298,15 @@ def test_convert_official_name_uses_cache(fake_release, tmp_path: Path) -> None:
         P.convert_to_safetensors("resnet50", tmp_path / "st2", arch="densenet121")
 
 
+def test_official_loader_accepts_converted_checkpoints(tmp_path: Path) -> None:
+    state = _tiny_state()
+    out = P.convert_to_safetensors(_save_hashed(state, tmp_path), tmp_path / "st", arch="resnet50")
+    _assert_same(P.load_official_state_dict("resnet50_long", file=out), state)
+    _assert_same(P.load_official_state_dict("resnet50", file=out / "model.safetensors"), state)
+    with pytest.raises(P.CheckpointError, match="for architecture 'resnet50', not 'densenet121'"):
+        P.load_official_state_dict("densenet121", file=out)
+
+
 def test_safetensors_loader_is_strict(tmp_path: Path) -> None:
     out = P.convert_to_safetensors(
         _save_hashed(_tiny_state(), tmp_path), tmp_path / "st", arch="resnet50"
@@ -342,3 +349,58 @@ def test_online_download_real_checkpoint() -> None:
     assert len(state) == 605
     assert state["features.conv0.linear.weight"].shape == (64, 6, 7, 7)
     assert state["classifier.linear.weight"].shape == (1000, 1024, 1, 1)
+
+
+# --------------------------------------------------------------------------- with the model zoo
+
+
+def _randomized_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The model's state with every float entry randomized (so defaults cannot pass as loaded)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.rand(v.shape, generator=g) + 0.5 if v.is_floating_point() else v + seed
+        for k, v in model.state_dict().items()
+    }
+
+
+def test_official_arch_round_trips_through_create(tmp_path: Path) -> None:
+    from bcos_layers.models import create
+
+    state = _randomized_state(create("densenet121"), seed=1)
+    path = _save_hashed(state, tmp_path, "densenet_121_finetuned")
+    with pytest.warns(UserWarning, match="not the official 'densenet121' release file"):
+        model = create("densenet121", pretrained=path)
+    _assert_same(model.state_dict(), state)
+    # The same weights via safetensors.
+    out = P.convert_to_safetensors(path, tmp_path / "st", arch="densenet121")
+    loaded = P.load_safetensors_checkpoint(out, arch="densenet121")
+    again = create(loaded.arch, pretrained=out / "model.safetensors")
+    _assert_same(again.state_dict(), state)
+
+
+def test_tiny_model_round_trips_through_create(tmp_path: Path) -> None:
+    from bcos_layers.models import create
+
+    state = _randomized_state(create("tiny_resnet"), seed=2)
+    path = _save_hashed(state, tmp_path, "tiny_resnet")
+    _assert_same(create("tiny_resnet", pretrained=path).state_dict(), state)
+
+
+def test_other_architecture_is_rejected_and_nothing_is_loaded(tmp_path: Path) -> None:
+    from bcos_layers.models import BasicBlock, BcosResNet, create, load_state_dict_strict
+
+    # A deeper tiny ResNet: every key of tiny_resnet is present with the same shape, plus more.
+    # torch's own strict load would copy the shared keys before raising; ours must not.
+    bigger = BcosResNet(BasicBlock, [2, 1, 1, 1], inplanes=8, num_classes=10)
+    path = _save_hashed(_randomized_state(bigger, seed=3), tmp_path, "bigger")
+    state = P.load_state_dict_file(path)[0]
+    model = create("tiny_resnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): \['layer1\.1\.") as info:
+        load_state_dict_strict(model, state, source=str(path))
+    assert str(path) in str(info.value)
+    _assert_same(model.state_dict(), before)
+    # A DenseNet state dict for a ResNet: missing and unexpected keys are both listed.
+    dense = _save_hashed(_randomized_state(create("tiny_densenet"), seed=4), tmp_path, "dense")
+    with pytest.raises(ValueError, match=r"(?s)missing keys.*conv1\.linear\.weight.*unexpected"):
+        create("tiny_resnet", pretrained=dense)
