@@ -2,7 +2,8 @@
 
 ``make_extractor("dinov2-small+loftup")`` builds the paper's feature pipeline; the pieces
 (:class:`Dinov2PatchFeatures`, :class:`LoftUpUpsampler`, :class:`BilinearUpsampler`,
-:class:`UpsampledFeatureExtractor`) can also be composed by hand.
+:class:`UpsampledFeatureExtractor`) can also be composed by hand. :class:`OracleFeatures`
+serves user-supplied maps instead (validation against known parts).
 """
 
 from c2score.features.base import (
@@ -26,6 +27,7 @@ from c2score.features.loftup import (
     load_loftup,
     read_state_dict,
 )
+from c2score.features.oracle import IndexedFeatureExtractor, OracleFeatures
 from c2score.features.registry import (
     DEFAULT_SPEC,
     DINOV2_MODELS,
@@ -53,10 +55,12 @@ __all__ = [
     "BilinearUpsampler",
     "Dinov2PatchFeatures",
     "HubOptions",
+    "IndexedFeatureExtractor",
     "LoftUp",
     "LoftUpCheckpointError",
     "LoftUpUpsampler",
     "LoftUpWithChannelNorm",
+    "OracleFeatures",
     "PatchBackbone",
     "PixelFeatureExtractor",
     "TwoStageFeatureExtractor",
