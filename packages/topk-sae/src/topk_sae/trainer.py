@@ -276,7 +276,7 @@ def train(
             if not (math.isfinite(input_stats["input_scale"]) and input_stats["input_scale"] > 0):
                 raise ValueError(
                     f"cannot scale the inputs: estimated scale {input_stats['input_scale']} "
-                    "(all-zero or non-finite features?)"
+                    "(all-zero or non-finite features? check the data for NaN/Inf)"
                 )
             if input_stats["mean_spread_ratio"] > cfg.uncentered_warn_ratio:
                 warnings.warn(
@@ -416,7 +416,7 @@ def train(
                         "k": k_now,
                         "loss": loss_value,
                         "mse": float(parts.mse.detach()),
-                        "auxk": float(parts.auxk),
+                        "auxk": float(parts.auxk.detach()),
                         "l0": l0,
                         "num_dead": fwd.num_dead,
                         "dead_fraction": fwd.num_dead / cfg.n_latents,
