@@ -130,3 +130,28 @@ def test_heatmap_rgba_batched_and_png(tmp_path: Path) -> None:
         save_contribution_png(maps, tmp_path / "d.png")
     with pytest.raises(ValueError, match="NaN"):
         contribution_heatmap_rgba(torch.tensor([[float("inf")]]))
+
+
+def test_end_to_end_with_model_explanations(tmp_path: Path) -> None:
+    """explain() of a tiny B-cos model -> our images equal the official ones, per sample."""
+    from bcos.common import gradient_to_image
+
+    from bcos_layers.explain import explain
+    from bcos_layers.models import create
+
+    torch.manual_seed(0)
+    model = create("tiny_resnet")
+    image, _ = _inputs(b=2, h=32, w=32, seed=3)
+    e = explain(model, image)
+    rgba = explanation_rgba(image, e.weights)
+    for i in range(2):
+        ref = gradient_to_image(image[i], e.weights[i])
+        torch.testing.assert_close(rgba[i], torch.from_numpy(ref), rtol=1e-6, atol=1e-6)
+        save_explanation_png(rgba[i], tmp_path / f"expl_{i}.png")
+        save_contribution_png(e.contribution_map[i], tmp_path / f"contrib_{i}.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "contrib_0.png",
+        "contrib_1.png",
+        "expl_0.png",
+        "expl_1.png",
+    ]
