@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from topk_sae import TrainConfig, train
 from topk_sae.data import BatchSource
-from topk_sae.store import FeatureStoreWriter, ShardedFeatureStore
+from topk_sae.store import FeatureStoreWriter, ShardedFeatureStore, StoreSource
 
 
 def _rows(start: int, n: int, d: int) -> torch.Tensor:
@@ -310,3 +312,38 @@ def test_streaming_an_epoch_stays_under_a_memory_cap(tmp_path: Path) -> None:
     assert probe["sum"] == n * (n - 1) / 2  # the row ids 0..n-1, each once (exact in float64)
     assert probe["streamed"] < cap, f"streaming peaked at {probe['streamed'] / 2**20:.1f} MiB"
     assert probe["loaded"] > 0.9 * store_bytes > cap  # the probe would catch a whole-store load
+
+
+def test_training_from_the_store_resumes_bit_identically(tmp_path: Path) -> None:
+    """End to end with ``topk_sae.train``: a run killed mid-epoch and resumed from its checkpoint
+    ends with the same weights as an uninterrupted run, both streaming from the store."""
+    path = tmp_path / "store"
+    with FeatureStoreWriter(path, 6, shard_rows=40) as w:
+        w.append(torch.randn(300, 6, generator=torch.Generator().manual_seed(0)).relu() + 0.1)
+    store = ShardedFeatureStore(path)
+    cfg = TrainConfig(
+        n_latents=24, k=2, epochs=2.5, lr=1e-2, warmup_epochs=0.5, hold_epochs=0.5, k_aux=4,
+        checkpoint_every=3, progress=False, log_every=1,
+    )  # fmt: skip
+
+    def source() -> StoreSource:
+        return store.source(32, seed=7, shuffle_buffer_rows=64, block_rows=16)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the "uncentred features" diagnostic
+        reference = train(cfg, source(), out_dir=tmp_path / "ref")
+
+        def crash(step: int, _metrics: dict) -> None:
+            if step == 14:  # mid-epoch 1 (10 batches per epoch), after a checkpoint at 12
+                raise RuntimeError("killed")
+
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg, source(), out_dir=tmp_path / "run", callback=crash)
+        steps: list[int] = []
+        resumed = train(
+            cfg, source(), out_dir=tmp_path / "run", callback=lambda s, _m: steps.append(s)
+        )
+    assert 12 <= steps[0] <= 14  # continued from the checkpoint, mid-epoch, not from scratch
+    assert torch.equal(resumed.model.W_enc, reference.model.W_enc)
+    assert torch.equal(resumed.model.W_dec, reference.model.W_dec)
+    assert resumed.history == reference.history
