@@ -280,8 +280,9 @@ def test_full_size_module_has_exactly_the_official_keys_and_shapes() -> None:
 
 
 def test_reference_in_this_file_has_the_same_layout() -> None:
-    got = {k: tuple(v.shape) for k, v in RefWrapper(DIM).state_dict().items()}
-    assert got == official_shapes(DIM)
+    ref = RefWrapper(DIM).state_dict()
+    assert {k: tuple(v.shape) for k, v in ref.items()} == official_shapes(DIM)
+    assert list(LoftUpWithChannelNorm(DIM).state_dict()) == list(ref)  # same order, too
 
 
 def test_loads_strictly_from_file_and_directory(weights_file: Path, state_dict) -> None:

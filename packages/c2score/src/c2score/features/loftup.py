@@ -202,11 +202,11 @@ class CATransformer(nn.Module):
 
     def __init__(self, dim: int, *, depth: int, num_heads: int, mlp_dim: int) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(dim)  # registered first: the checkpoints list it first
         self.layers = nn.ModuleList(
             nn.ModuleList([CrossAttentionLayer(dim, num_heads), FeedForward(dim, mlp_dim)])
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim)
 
     def project_kv(self, kv_BLC: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer keys and values; computed once, shared by all query chunks."""
