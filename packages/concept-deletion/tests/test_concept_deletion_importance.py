@@ -117,6 +117,11 @@ def test_sobol_on_codes_skips_inactive_concepts_exactly_and_streams() -> None:
     assert_close(skip, full)
     assert_close(tiny_chunks, full)
     assert (full[:, [0, 2, 4]] > 0).all()
+    subset = sobol_total_indices(
+        head, codes, TARGETS, layout, ImportanceConfig(sobol_designs=16), concepts=[2, 4]
+    )
+    assert_close(subset[:, [2, 4]], full[:, [2, 4]])
+    assert torch.equal(subset[:, [0, 1, 3]], torch.zeros(4, 3, dtype=subset.dtype))
 
 
 def test_random_importance_is_seeded_and_uniform() -> None:

@@ -18,7 +18,7 @@ Per-position measures are reduced over positions with a :class:`Reduction`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -249,21 +249,36 @@ def sobol_total_indices(
     layout: Layout | str,
     config: ImportanceConfig = ImportanceConfig(),
     progress: bool = False,
+    concepts: Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     """Sobol total indices of concept-wise masks on each image's code -> ``(B, K)``.
 
     The perturbation multiplies concept ``k`` by ``m_k`` in [0, 1) at every position (CRAFT's
     "inpainting towards 0"); the design streams through the head in chunks of the memory budget.
+    ``concepts`` restricts the estimate to those concepts (the others get 0); the design, and
+    hence each estimated index, is the same as without the restriction.
     """
     layout = check_codes(codes, layout)
     t = _check_targets(targets, codes)
     k = codes.shape[layout.concept_dim]
     chunk = rows_per_chunk(tuple(codes.shape[1:]), config.max_elements)
     out = torch.zeros(codes.shape[0], k, dtype=codes.dtype, device=codes.device)
+    wanted = torch.ones(k, dtype=torch.bool, device=codes.device)
+    if concepts is not None:
+        sel = torch.as_tensor(concepts, dtype=torch.long, device=codes.device).flatten()
+        if sel.numel() and (sel.min() < 0 or sel.max() >= k):
+            raise ValueError(f"concepts must lie in [0, {k})")
+        wanted = torch.zeros_like(wanted)
+        wanted[sel] = True
     for b in tqdm(range(codes.shape[0]), desc="sobol", disable=not progress, leave=False):
         code_1 = codes[b : b + 1]
-        idx = active_concepts(code_1[0], layout) if config.skip_inactive else None
-        if idx is not None and idx.numel() == 0:
+        keep = wanted.clone()
+        if config.skip_inactive:
+            active = torch.zeros_like(keep)
+            active[active_concepts(code_1[0], layout)] = True
+            keep &= active
+        idx = torch.nonzero(keep).flatten()
+        if idx.numel() == 0:
             continue
         out[b] = jansen_total_indices(
             _image_target_fn(head, code_1, int(t[b]), layout),
