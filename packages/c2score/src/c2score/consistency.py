@@ -62,7 +62,9 @@ class ConsistencyAccumulator:
         """Fold in K unit embeddings ``unit_KD`` of concepts ``slot_K`` with weights ``weight_K``."""
         slot_K = slot_K.long().cpu()
         w = weight_K.to(torch.float64).cpu()
-        self.sum_wu_CD.index_add_(0, slot_K, unit_KD.to(torch.float64).cpu() * w[:, None])
+        # per-row products in the rows' precision, sums in float64
+        scaled_KD = unit_KD * weight_K.to(device=unit_KD.device, dtype=unit_KD.dtype)[:, None]
+        self.sum_wu_CD.index_add_(0, slot_K, scaled_KD.to(device="cpu", dtype=torch.float64))
         self.sum_w_C.index_add_(0, slot_K, w)
         self.sum_w2_C.index_add_(0, slot_K, w * w)
         self.count_C.index_add_(0, slot_K, torch.ones_like(slot_K))
