@@ -138,7 +138,7 @@ def explain(
 
     def pe_hook(mod: PosEmbSinCos2d, inputs: tuple[Tensor, ...], pe: Tensor) -> Tensor:
         leaf = pe.expand(inputs[0].shape[0], *pe.shape).clone().requires_grad_(True)
-        if "wrt" not in captured:  # a positional embedding upstream of `wrt` is inside f
+        if wrt is None or "wrt" in captured:  # upstream of `wrt` it is part of f
             pe_leaves.append(leaf)
         return leaf
 
