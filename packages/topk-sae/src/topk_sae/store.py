@@ -9,10 +9,11 @@ Layout of a store directory::
 
 ``FeatureStoreWriter`` appends rows and writes each shard and then the manifest atomically
 (temporary file + ``os.replace``), so a killed writer leaves a valid store of its complete
-shards and can be resumed. ``ShardedFeatureStore`` reads row ranges through
-``safetensors.safe_open`` (memory-mapped: a range read touches only its own bytes) and serves
-shuffled training batches with ``.source()``, whose peak memory is bounded by its shuffle
-buffer, independent of the size of the store.
+shards and can be resumed. ``ShardedFeatureStore`` validates every shard with
+``safetensors.safe_open``, then reads a row range as one sequential file read at the offset
+given by the shard's safetensors header, straight into the destination tensor; ``.source()``
+serves shuffled training batches whose peak memory is bounded by its shuffle buffer,
+independent of the size of the store.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import json
 import math
 import os
 import re
+import struct
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -53,6 +57,13 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_ST_DTYPES: dict[tuple[bool, str], torch.dtype] = {
+    (True, "F32"): torch.float32,
+    (True, "F16"): torch.float16,
+    (True, "BF16"): torch.bfloat16,
+    (False, "I64"): torch.int64,
+}
+"""safetensors dtype codes of (is-features, code) pairs a store may hold."""
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
 _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -357,6 +368,8 @@ class ShardedFeatureStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
+        if sys.byteorder != "little":
+            raise NotImplementedError("reading feature stores needs a little-endian machine")
         self.path = Path(path)
         manifest = _read_manifest(self.path)
         if not manifest["complete"] and not allow_incomplete:
@@ -370,16 +383,19 @@ class ShardedFeatureStore:
         self.num_rows = int(manifest["num_rows"])
         self.complete = bool(manifest["complete"])
         shards: list[ShardInfo] = []
+        # Per shard: absolute byte offset of each field's first element in the file.
+        self._offsets: list[dict[str, int]] = []
         start = 0
         for entry in manifest["shards"]:
             info = ShardInfo(str(entry["file"]), start, int(entry["num_rows"]))
-            self._check_shard(info, int(entry["nbytes"]))
+            self._offsets.append(self._check_shard(info, int(entry["nbytes"])))
             shards.append(info)
             start += info.num_rows
         self.shards = shards
         self._starts = [s.start for s in shards]
 
-    def _check_shard(self, info: ShardInfo, nbytes: int) -> None:
+    def _check_shard(self, info: ShardInfo, nbytes: int) -> dict[str, int]:
+        """Validate a shard against the manifest; return its fields' absolute byte offsets."""
         file = self.path / info.file
         if not file.is_file():
             raise FileNotFoundError(f"shard {file} listed in the manifest is missing")
@@ -401,6 +417,26 @@ class ShardedFeatureStore:
                 f"shard {file} holds {sorted(keys)} with features {shape}; the manifest expects "
                 f"{sorted(expected)} with ({info.num_rows}, {self.d_in})"
             )
+        # The safetensors layout: u64 little-endian header size N, N bytes of JSON header with
+        # each tensor's dtype and [begin, end) byte range relative to the data after the header.
+        with open(file, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len))
+        offsets = {}
+        for name in expected:
+            is_features = name == FEATURES_KEY
+            entry = header[name]
+            dtype = _ST_DTYPES.get((is_features, entry["dtype"]))
+            want = self.dtype if is_features else torch.int64
+            rows_bytes = info.num_rows * (self.d_in * want.itemsize if is_features else 8)
+            begin, end = entry["data_offsets"]
+            if dtype != want or end - begin != rows_bytes:
+                raise ValueError(
+                    f"shard {file}: field {name!r} has dtype {entry['dtype']} and {end - begin} "
+                    f"bytes; the manifest expects {want} and {rows_bytes} bytes"
+                )
+            offsets[name] = 8 + header_len + begin
+        return offsets
 
     def __len__(self) -> int:
         return self.num_rows
@@ -416,15 +452,54 @@ class ShardedFeatureStore:
         """Bytes of feature data in the store."""
         return self.num_rows * self.d_in * self.dtype.itemsize
 
-    def read_shard_rows(self, shard: int, lo: int, hi: int, field: str = FEATURES_KEY) -> Tensor:
-        """Rows ``[lo, hi)`` of one shard (local indices), read from the memory-mapped file."""
-        if field != FEATURES_KEY and field not in self.metadata_fields:
-            raise KeyError(f"unknown field {field!r}; the store has {self.metadata_fields}")
+    def _field_row_bytes(self, field: str) -> int:
+        if field == FEATURES_KEY:
+            return self.d_in * self.dtype.itemsize
+        if field in self.metadata_fields:
+            return 8
+        raise KeyError(f"unknown field {field!r}; the store has {self.metadata_fields}")
+
+    def read_shard_rows_into(
+        self, shard: int, lo: int, hi: int, out: Tensor, field: str = FEATURES_KEY
+    ) -> None:
+        """Read rows ``[lo, hi)`` of one shard (local indices) straight into ``out``.
+
+        ``out`` must be a contiguous CPU tensor of the field's dtype and shape. One sequential
+        file read, no intermediate copy; the GIL is released while reading, so a background
+        thread can prefetch while the main thread trains.
+        """
+        row_bytes = self._field_row_bytes(field)
         info = self.shards[shard]
         if not 0 <= lo <= hi <= info.num_rows:
             raise IndexError(f"rows [{lo}, {hi}) out of range for shard {shard} ({info.num_rows})")
-        with safe_open(str(self.path / info.file), framework="pt") as fh:
-            return fh.get_slice(field)[lo:hi]
+        if (
+            not out.is_contiguous()
+            or out.device.type != "cpu"
+            or out.nbytes != (hi - lo) * row_bytes
+        ):
+            raise ValueError("out must be a contiguous CPU tensor holding exactly the rows read")
+        if hi == lo:
+            return
+        view = out.view(-1).view(torch.uint8).numpy()
+        start = self._offsets[shard][field] + lo * row_bytes
+        with open(self.path / info.file, "rb", buffering=0) as fh:
+            fh.seek(start)
+            done = 0
+            while done < view.nbytes:
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise EOFError(f"shard {self.path / info.file} ended early (truncated?)")
+                done += got
+
+    def read_shard_rows(self, shard: int, lo: int, hi: int, field: str = FEATURES_KEY) -> Tensor:
+        """Rows ``[lo, hi)`` of one shard (local indices) as a new tensor."""
+        self._field_row_bytes(field)  # validates the field name
+        if field == FEATURES_KEY:
+            out = torch.empty((max(0, hi - lo), self.d_in), dtype=self.dtype)
+        else:
+            out = torch.empty(max(0, hi - lo), dtype=torch.int64)
+        self.read_shard_rows_into(shard, lo, hi, out, field)
+        return out
 
     def read(self, start: int, stop: int, field: str = FEATURES_KEY) -> Tensor:
         """Global rows ``[start, stop)`` of ``field`` (features or a metadata field)."""
@@ -455,6 +530,7 @@ class ShardedFeatureStore:
         shuffle_buffer_rows: int = 2**18,
         block_rows: int | None = None,
         drop_last: bool = False,
+        prefetch: bool = False,
     ) -> StoreSource:
         """A ``BatchSource`` over this store; see ``StoreSource``."""
         return StoreSource(
@@ -465,6 +541,7 @@ class ShardedFeatureStore:
             shuffle_buffer_rows=shuffle_buffer_rows,
             block_rows=block_rows,
             drop_last=drop_last,
+            prefetch=prefetch,
         )
 
 
@@ -485,9 +562,10 @@ class StoreSource:
     function of ``(seed, epoch)`` and the batch position, so ``state_dict`` is just the epoch and
     the number of batches yielded, and resuming re-reads only the current window.
 
-    Peak memory: one window (``shuffle_buffer_rows * d_in`` in the store dtype) plus one block
-    being read plus two batches -- independent of the store size. Larger windows mix better;
-    smaller blocks mix better but read less sequentially.
+    Peak memory: one window buffer (``shuffle_buffer_rows * d_in`` in the store dtype; two with
+    ``prefetch``) plus two batches -- independent of the store size. Blocks are read straight
+    into the window buffer. Larger windows mix better; smaller blocks mix better but read less
+    sequentially.
 
     Args:
         store: the store to read.
@@ -498,6 +576,8 @@ class StoreSource:
         block_rows: rows per contiguous read; ``None``: ``shuffle_buffer_rows // 16`` (at least
             16 blocks per window), at most the largest shard.
         drop_last: drop the epoch's last batch when it is shorter than ``batch_size``.
+        prefetch: read the next window in a background thread while the current one is
+            consumed (overlaps disk reads with training; doubles the window memory).
     """
 
     def __init__(
@@ -510,6 +590,7 @@ class StoreSource:
         shuffle_buffer_rows: int = 2**18,
         block_rows: int | None = None,
         drop_last: bool = False,
+        prefetch: bool = False,
     ) -> None:
         if store.num_rows == 0:
             raise ValueError(f"the feature store {store.path} holds no rows")
@@ -525,6 +606,7 @@ class StoreSource:
             block_rows = max(1, min(largest, self.shuffle_buffer_rows // 16))
         self.block_rows = min(_positive("block_rows", block_rows), self.shuffle_buffer_rows)
         self.drop_last = bool(drop_last)
+        self.prefetch = bool(prefetch)
         self.d_in = store.d_in
         self.num_rows = store.num_rows
         # Blocks as parallel arrays (shard index, local start, local stop): tiny next to the data.
@@ -569,11 +651,39 @@ class StoreSource:
         pos = 0
         for b in blocks:
             lo, hi = int(self._block_lo[b]), int(self._block_hi[b])
-            buffer[pos : pos + hi - lo] = self.store.read_shard_rows(
-                int(self._block_shard[b]), lo, hi
+            self.store.read_shard_rows_into(
+                int(self._block_shard[b]), lo, hi, buffer[pos : pos + hi - lo]
             )
             pos += hi - lo
         return pos
+
+    def _windows(
+        self, order: np.ndarray, window_rows: list[int], first: int
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(w, rows of window w)`` for ``w >= first``, reusing one buffer (two when
+        prefetching): no per-window allocation for the allocator to fragment."""
+        per = self._blocks_per_window
+        shape = (max(window_rows), self.d_in)
+        n_windows = len(window_rows)
+        if not self.prefetch:
+            buffer = torch.empty(shape, dtype=self.store.dtype)
+            for w in range(first, n_windows):
+                rows = self._load_window(order[w * per : (w + 1) * per], buffer)
+                yield w, buffer[:rows]
+            return
+        buffers = [torch.empty(shape, dtype=self.store.dtype) for _ in range(2)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topk-sae-prefetch") as pool:
+
+            def submit(w: int) -> Future[int]:
+                blocks = order[w * per : (w + 1) * per]
+                return pool.submit(self._load_window, blocks, buffers[w % 2])
+
+            pending = submit(first)
+            for w in range(first, n_windows):
+                rows = pending.result()
+                if w + 1 < n_windows:
+                    pending = submit(w + 1)  # fills the other buffer while this one is used
+                yield w, buffers[w % 2][:rows]
 
     def __iter__(self) -> Iterator[Tensor]:
         n_batches = len(self)
@@ -585,34 +695,35 @@ class StoreSource:
         n_windows = math.ceil(len(order) / per)
         window_rows = [int(sizes[w * per : (w + 1) * per].sum()) for w in range(n_windows)]
         # Locate the first row of the next batch in the stream of windows.
-        row = self._position * self.batch_size
-        window, offset = 0, row
-        while offset >= window_rows[window]:
-            offset -= window_rows[window]
-            window += 1
-        # One buffer reused by every window of the epoch: no per-window allocation, so the
-        # allocator cannot fragment the heap into several window-sized holes.
-        buffer = torch.empty((max(window_rows), self.d_in), dtype=self.store.dtype)
+        first, offset = 0, self._position * self.batch_size
+        while offset >= window_rows[first]:
+            offset -= window_rows[first]
+            first += 1
         carry: Tensor | None = None
-        for w in range(window, n_windows):
-            rows = self._load_window(order[w * per : (w + 1) * per], buffer)
-            data = buffer[:rows]
-            perm = self._window_perm(w, rows)
-            pos = offset if w == window else 0
-            while pos < rows:
-                need = self.batch_size - (0 if carry is None else carry.shape[0])
-                stop = min(rows, pos + need)
-                part = data[pos:stop] if perm is None else data[perm[pos:stop]]
-                pos = stop
-                batch = part if carry is None else torch.cat([carry, part])
-                if batch.shape[0] < self.batch_size:
-                    carry = batch
-                    continue
-                carry = None
-                self._position += 1
-                yield batch.to(torch.float32)
-                if self._position >= n_batches:
-                    return
+        windows = self._windows(order, window_rows, first)
+        try:
+            for w, data in windows:
+                rows = data.shape[0]
+                perm = self._window_perm(w, rows)
+                pos = offset if w == first else 0
+                while pos < rows:
+                    need = self.batch_size - (0 if carry is None else carry.shape[0])
+                    stop = min(rows, pos + need)
+                    # Gathering copies; a plain slice must be copied too, since the buffer is
+                    # overwritten by the next window while the caller may keep the batch.
+                    part = data[pos:stop].clone() if perm is None else data[perm[pos:stop]]
+                    pos = stop
+                    batch = part if carry is None else torch.cat([carry, part])
+                    if batch.shape[0] < self.batch_size:
+                        carry = batch
+                        continue
+                    carry = None
+                    self._position += 1
+                    yield batch.to(torch.float32)
+                    if self._position >= n_batches:
+                        return
+        finally:
+            windows.close()  # stops a prefetch thread when the caller leaves early
         if carry is not None and self._position < n_batches:
             self._position += 1
             yield carry.to(torch.float32)
