@@ -149,8 +149,9 @@ class FeatureStoreWriter:
     then the manifest are replaced atomically, so a crash loses at most the pending rows:
     opening the same path again resumes after the last complete shard (``num_rows`` tells the
     producer where to continue; call ``flush()`` at the producer's own checkpoints to align the
-    two). ``close()`` (or leaving the ``with`` block without an exception) writes the pending
-    rows and marks the store complete.
+    two). Opening an existing store, complete or not, appends to it. ``close()`` (or leaving
+    the ``with`` block without an exception) writes the pending rows and marks the store
+    complete. Memory: at most ``shard_rows`` pending rows plus the rows of one ``append``.
 
     Args:
         path: store directory (created if needed).
@@ -310,7 +311,12 @@ class FeatureStoreWriter:
             self._write_shard(self.shard_rows)
 
     def _take_pending(self, count: int) -> dict[str, Tensor]:
-        merged = {key: torch.cat([part[key] for part in self._pending]) for key in self._pending[0]}
+        if len(self._pending) == 1:
+            merged = self._pending[0]  # no copy when one large append spans several shards
+        else:
+            merged = {
+                key: torch.cat([part[key] for part in self._pending]) for key in self._pending[0]
+            }
         head = {key: value[:count].contiguous() for key, value in merged.items()}
         rest = {key: value[count:] for key, value in merged.items()}
         self._pending = [rest] if rest[FEATURES_KEY].shape[0] > 0 else []
