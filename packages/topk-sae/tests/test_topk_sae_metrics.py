@@ -153,9 +153,14 @@ def test_bad_input_and_empty_accumulator() -> None:
     acc = MetricsAccumulator(4)
     with pytest.raises(ValueError, match="no rows"):
         acc.compute()
+    good = SparseCode(torch.ones(3, 2), torch.tensor([[0, 1], [1, 2], [2, 3]]))
+    acc.update(torch.randn(3, 5), torch.zeros(3, 5), good)
+    before = acc.compute()
     code = SparseCode(torch.ones(3, 2), torch.tensor([[0, 1], [1, 2], [2, 4]]))
     with pytest.raises(ValueError, match="n_latents=4"):
-        acc.update(torch.zeros(3, 5), torch.zeros(3, 5), code)
+        acc.update(torch.randn(3, 5), torch.zeros(3, 5), code)
+    after = acc.compute()  # the rejected batch left no trace
+    assert (after.num_rows, after.fvu, after.l0) == (before.num_rows, before.fvu, before.l0)
     with pytest.raises(ValueError, match=r"\(N, d_in\)"):
         acc.update(torch.zeros(3, 5), torch.zeros(3, 4), code)
 

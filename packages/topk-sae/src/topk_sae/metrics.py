@@ -127,27 +127,38 @@ class MetricsAccumulator:
             raise ValueError(
                 f"d_in changed between batches: {self._mean_D.shape[0]} then {x_ND.shape[1]}"
             )
-        x = x_ND.detach().to("cpu", torch.float64)
-        recon = recon_ND.detach().to("cpu", torch.float64)
-        self._sse += (x - recon).square().sum()
-
+        # Accumulate on the batch's device (float64; MPS has none, so CPU there): no transfer
+        # of whole batches to the host during GPU training.
+        device = x_ND.device if x_ND.device.type != "mps" else torch.device("cpu")
+        if self._fires_L.device != device:
+            self._to(device)
+        x = x_ND.detach().to(device, torch.float64)
+        recon = recon_ND.detach().to(device, torch.float64)
+        idx = indices_NK.detach()[values_NK.detach() != 0].to(device, torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_latents):
+            raise ValueError(f"code indices must lie in [0, n_latents={self.n_latents})")
+        # Batch statistics first, state updates last: a bad batch leaves the state untouched.
+        batch_sse = (x - recon).square().sum()
         batch_mean = x.mean(dim=0)
         batch_m2 = (x - batch_mean).square().sum(dim=0)
         if self._mean_D is None or self._m2_D is None:
             self._mean_D, self._m2_D = batch_mean, batch_m2
-        else:
+        else:  # Chan et al.: merge (count, mean, M2) of the seen rows and of the batch
             total = self.num_rows + n
             delta = batch_mean - self._mean_D
             self._mean_D = self._mean_D + delta * (n / total)
             self._m2_D = self._m2_D + batch_m2 + delta.square() * (self.num_rows * n / total)
         self.num_rows += n
-
-        fired = values_NK.detach() != 0
-        idx = indices_NK.detach()[fired].to("cpu", torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_latents):
-            raise ValueError(f"code indices must lie in [0, n_latents={self.n_latents})")
+        self._sse += batch_sse
         self._active += idx.numel()
         self._fires_L += torch.bincount(idx, minlength=self.n_latents)
+
+    def _to(self, device: torch.device) -> None:
+        self._sse, self._active, self._fires_L = (
+            t.to(device) for t in (self._sse, self._active, self._fires_L)
+        )
+        if self._mean_D is not None and self._m2_D is not None:
+            self._mean_D, self._m2_D = self._mean_D.to(device), self._m2_D.to(device)
 
     def compute(self) -> SAEMetrics:
         """Metrics over everything seen since the last ``reset``."""
@@ -156,13 +167,14 @@ class MetricsAccumulator:
         total_var = float(self._m2_D.sum())
         sse = float(self._sse)
         fvu = sse / total_var if total_var > 0 else math.nan
-        freq = self._fires_L.double() / self.num_rows
+        fires = self._fires_L.cpu()
+        freq = fires.double() / self.num_rows
         return SAEMetrics(
             fvu=fvu,
             explained_variance=1.0 - fvu,
             mse=sse / (self.num_rows * self._m2_D.shape[0]),
             l0=float(self._active) / self.num_rows,
-            dead_fraction=float((self._fires_L == 0).double().mean()),
+            dead_fraction=float((fires == 0).double().mean()),
             always_active_fraction=float((freq > self.always_active_threshold).double().mean()),
             firing_frequency=freq,
             num_rows=self.num_rows,
@@ -170,14 +182,18 @@ class MetricsAccumulator:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and counters to checkpoint the accumulator (e.g. inside a training run)."""
+        """CPU tensors and counters to checkpoint the accumulator (e.g. inside a training run)."""
+
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.cpu()
+
         return {
             "num_rows": self.num_rows,
-            "mean": self._mean_D,
-            "m2": self._m2_D,
-            "sse": self._sse,
-            "active": self._active,
-            "fires": self._fires_L,
+            "mean": cpu(self._mean_D),
+            "m2": cpu(self._m2_D),
+            "sse": cpu(self._sse),
+            "active": cpu(self._active),
+            "fires": cpu(self._fires_L),
             "always_active_threshold": self.always_active_threshold,
         }
 
