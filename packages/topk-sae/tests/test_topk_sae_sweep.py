@@ -13,7 +13,7 @@ import torch
 import topk_sae.sweep as sweep_module
 from topk_sae import BiasFreeTopKSAE, TensorSource, TrainConfig
 from topk_sae.metrics import evaluate
-from topk_sae.sweep import RunResult, pareto_front, select_best, sweep
+from topk_sae.sweep import RunResult, SweepResult, pareto_front, select_best, sweep
 
 
 def _run(name: str, k: int, score: float, dead: float = 0.0, dense: float = 0.0, l0: float = 0):
@@ -93,16 +93,20 @@ def test_tiny_sweep_trains_scores_selects_and_resumes(
 
     monkeypatch.setattr(sweep_module, "train", counting_train)
     grid = {"k": [1, 3], "n_latents": [8], "lr": [1e-3, 1e-2]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the "uncentred features" diagnostic
-        result = sweep(
-            _base(),
-            TensorSource(train_x, batch_size=64),
-            heldout,
-            out_dir=tmp_path,
-            progress=False,
-            **grid,
-        )
+
+    def run_grid() -> SweepResult:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the "uncentred features" diagnostic
+            return sweep(
+                _base(),
+                TensorSource(train_x, batch_size=64),
+                heldout,
+                out_dir=tmp_path,
+                progress=False,
+                **grid,
+            )
+
+    result = run_grid()
     names = ["k1-n8-lr0.001", "k1-n8-lr0.01", "k3-n8-lr0.001", "k3-n8-lr0.01"]
     assert calls == names
     assert [r.name for r in result.runs] == names
@@ -128,14 +132,7 @@ def test_tiny_sweep_trains_scores_selects_and_resumes(
     del saved["runs"]["k3-n8-lr0.01"]
     result.path.write_text(json.dumps(saved))
     calls.clear()
-    again = sweep(
-        _base(),
-        TensorSource(train_x, batch_size=64),
-        heldout,
-        out_dir=tmp_path,
-        progress=False,
-        **grid,
-    )
+    again = run_grid()
     assert calls == ["k3-n8-lr0.01"]
     assert [r.score for r in again.runs] == pytest.approx([r.score for r in result.runs])
 
