@@ -177,6 +177,10 @@ def test_resume_refuses_other_settings(store_100: tuple[ShardedFeatureStore, tor
         store.source(8, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size"):
         store.source(9, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="no batch at all"):
+        store.source(101, drop_last=True)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        store.source(0)
 
 
 def test_writer_resumes_after_a_crash(tmp_path: Path) -> None:

@@ -612,6 +612,11 @@ class StoreSource:
             block_rows = max(1, min(largest, self.shuffle_buffer_rows // 16))
         self.block_rows = min(_positive("block_rows", block_rows), self.shuffle_buffer_rows)
         self.drop_last = bool(drop_last)
+        if self.drop_last and store.num_rows < self.batch_size:
+            raise ValueError(
+                f"drop_last=True with batch_size={self.batch_size} > {store.num_rows} rows would "
+                "yield no batch at all; use a smaller batch size or drop_last=False"
+            )
         self.prefetch = bool(prefetch)
         self.d_in = store.d_in
         self.num_rows = store.num_rows
