@@ -25,7 +25,7 @@ nox.options.error_on_missing_interpreters = True
 nox.options.sessions = ["lint", "tests", "integration", "wheels"]
 
 PYTHON = "3.11"
-TEST_ENV = {
+TEST_ENV: dict[str, str | None] = {
     # Tests never touch the network.
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -33,6 +33,9 @@ TEST_ENV = {
     # Keep CPU thread counts modest on the 2-core CI machine.
     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     "MPLBACKEND": "Agg",
+    # Let Python cache bytecode inside the session venvs: without it every test process
+    # (several tests start subprocesses) recompiles torch on import.
+    "PYTHONDONTWRITEBYTECODE": None,
 }
 
 
