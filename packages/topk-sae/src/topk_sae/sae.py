@@ -295,8 +295,8 @@ class BiasFreeTopKSAE(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        parallel_n1 = (grad * self.W_dec).sum(dim=1, keepdim=True)
-        grad.sub_(parallel_n1 * self.W_dec)
+        parallel_n = torch.linalg.vecdot(grad, self.W_dec)
+        grad.addcmul_(self.W_dec, parallel_n.unsqueeze(1), value=-1.0)
 
     # ------------------------------------------------------------------ serialization
     def save_pretrained(

@@ -118,6 +118,61 @@ def compute_loss(
     return LossParts(mse + auxk_coef * auxk, mse, auxk, fwd)
 
 
+def make_optimizer(
+    model: BiasFreeTopKSAE,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Adam:
+    """Adam over ``W_enc`` and ``W_dec``; the fused single-kernel update on CPU and CUDA.
+
+    The update is O(n_latents · d_in) memory traffic per step whatever the sparsity; the fused
+    kernel reads and writes each state tensor once instead of ~15 elementwise passes.
+    """
+    device = model.W_enc.device.type
+    fused = device in ("cpu", "cuda") and model.W_enc.dtype == torch.float32
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def training_step(
+    model: BiasFreeTopKSAE,
+    optimizer: torch.optim.Optimizer,
+    xs_ND: Tensor,
+    *,
+    k: int,
+    dead_n: Tensor | None,
+    k_aux: int,
+    auxk_coef: float,
+    grad_clip_norm: float | None,
+    bf16: bool = False,
+) -> tuple[LossParts, float, float]:
+    """One full update on scaled rows: loss, sparse backward, remove the atom-parallel decoder
+    gradient, clip, optimizer step, renormalise the atoms.
+
+    Returns ``(loss parts, loss value, gradient norm)``; when the loss or the gradient norm is
+    not finite the parameters are left untouched (the caller decides what to do).
+    """
+    parts = compute_loss(
+        model, xs_ND, k=k, dead_n=dead_n, k_aux=k_aux, auxk_coef=auxk_coef, bf16=bf16
+    )
+    loss_value = float(parts.total.detach())
+    if not math.isfinite(loss_value):
+        return parts, loss_value, math.nan
+    optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    model.remove_parallel_grad_()
+    grad_norm = 0.0
+    if grad_clip_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
+        if not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return parts, loss_value, grad_norm
+    optimizer.step()
+    model.normalize_atoms_()
+    return parts, loss_value, grad_norm
+
+
 def estimate_input_stats(
     source: BatchSource, max_rows: int, keep_rows: int = 0
 ) -> tuple[dict[str, float], Tensor | None]:
@@ -295,9 +350,7 @@ def train(
                     model.W_enc.copy_(atoms)
             del points
         model.to(device)
-        opt = torch.optim.Adam(
-            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps
-        )
+        opt = make_optimizer(model, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.int64, device=device)
         epoch_fires = torch.zeros(cfg.n_latents, dtype=torch.int64, device=device)
         history: list[dict[str, Any]] = []
@@ -366,36 +419,25 @@ def train(
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * sched.lr_factor(step)
                     dead_n = tokens_since_fired >= dead_after
-                    parts = compute_loss(
+                    parts, loss_value, grad_norm = training_step(
                         model,
+                        opt,
                         xs,
                         k=k_now,
                         dead_n=dead_n,
                         k_aux=cfg.k_aux,
                         auxk_coef=cfg.auxk_coef,
+                        grad_clip_norm=cfg.grad_clip_norm,
                         bf16=cfg.autocast_bf16,
                     )
-                    loss_value = float(parts.total.detach())
-                    if not math.isfinite(loss_value):
+                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                         raise TrainingDivergedError(
-                            f"non-finite loss {loss_value} at step {step} (epoch {epoch}); "
-                            f"last good checkpoint: {ckpts.latest_path()}. Check the inputs for "
-                            "NaN/Inf or lower the learning rate."
+                            f"non-finite {what} ({loss_value=}, {grad_norm=}) at step {step} "
+                            f"(epoch {epoch}); the update was not applied. Last good "
+                            f"checkpoint: {ckpts.latest_path()}. Check the inputs for NaN/Inf "
+                            "or lower the learning rate."
                         )
-                    opt.zero_grad(set_to_none=True)
-                    parts.total.backward()
-                    model.remove_parallel_grad_()
-                    if cfg.grad_clip_norm is not None:
-                        norm = torch.nn.utils.clip_grad_norm_(
-                            model.parameters(), cfg.grad_clip_norm
-                        )
-                        if not torch.isfinite(norm):
-                            raise TrainingDivergedError(
-                                f"non-finite gradient norm at step {step}; last good "
-                                f"checkpoint: {ckpts.latest_path()}"
-                            )
-                    opt.step()
-                    model.normalize_atoms_()
 
                     # Firing statistics (a latent fires when its selected value is > 0).
                     fwd = parts.forward
