@@ -28,8 +28,8 @@ import time
 
 import torch
 
-CHUNK = 256  # concepts per generated chunk (case "concepts")
-ROW_CHUNK = 4096  # embeddings per generated chunk (case "random")
+CHUNK = 64  # concepts per generated chunk (case "concepts")
+ROW_CHUNK = 2048  # embeddings per generated chunk (case "random")
 
 
 def _peak_rss_mb() -> float:
@@ -50,7 +50,10 @@ def _row_chunks(n: int, dim: int):
     for r0 in range(0, n, ROW_CHUNK):
         g = torch.Generator().manual_seed(10_000 + r0)
         r = min(ROW_CHUNK, n - r0)
-        yield torch.randn(r, dim, generator=g) + 0.05, torch.rand(r, generator=g, dtype=torch.float64)
+        yield (
+            torch.randn(r, dim, generator=g) + 0.05,
+            torch.rand(r, generator=g, dtype=torch.float64),
+        )
 
 
 def _dense_weighted(x: torch.Tensor, w: torch.Tensor) -> float:
@@ -95,7 +98,7 @@ def worker(case: str, method: str, args: argparse.Namespace) -> dict:
                 for c0, c, emb, w in _concept_chunks(c_total, k, d):
                     t0 = time.perf_counter()
                     slots = torch.arange(c0, c0 + c).repeat_interleave(k)
-                    acc.add(slots, torch.nn.functional.normalize(emb, dim=1), w)
+                    acc.add_embeddings(slots, emb, w)
                     elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 scores = acc.consistency()
@@ -117,8 +120,7 @@ def worker(case: str, method: str, args: argparse.Namespace) -> dict:
                 elapsed = 0.0
                 for x, w in _row_chunks(n, args.dim):
                     t0 = time.perf_counter()
-                    unit = torch.nn.functional.normalize(x, dim=1)
-                    acc.add(torch.zeros(len(w), dtype=torch.long), unit, w)
+                    acc.add_embeddings(torch.zeros(len(w), dtype=torch.long), x, w)
                     elapsed += time.perf_counter() - t0
                 scores = acc.consistency()
                 times.append(elapsed)
@@ -156,10 +158,15 @@ def main() -> None:
         f"--repeats={args.repeats}", f"--threads={args.threads}",
     ]  # fmt: skip
     idle = _spawn("idle", "none", args, extra)["peak_rss_mb"]
-    print(f"torch {torch.__version__}, {args.threads} thread(s); idle process peak RSS {idle:.0f} MB")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); idle process peak RSS {idle:.0f} MB"
+    )
     for case, label in (
         ("concepts", f"{args.concepts} concepts x {args.k} images, D={args.dim}"),
-        ("random", f"random baseline, D={args.dim}: dense N={args.random_n_dense}, ours N={args.random_n_dense} and {args.random_n}"),
+        (
+            "random",
+            f"random baseline, D={args.dim}: dense N={args.random_n_dense}, ours N={args.random_n_dense} and {args.random_n}",
+        ),
     ):
         print(f"\n## {label}")
         runs = {m: _spawn(case, m, args, extra) for m in ("dense", "stream")}
@@ -173,7 +180,9 @@ def main() -> None:
             peer = "stream"
         print(f"{'method':<16}{'median s':>10}{'peak RSS MB':>13}{'above idle MB':>15}")
         for m, r in runs.items():
-            print(f"{m:<16}{r['median_s']:>10.3f}{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] - idle:>15.0f}")
+            print(
+                f"{m:<16}{r['median_s']:>10.3f}{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] - idle:>15.0f}"
+            )
         d, s = runs["dense"], runs[peer]
         print(
             f"max |score diff| = {float((a - b).abs().max()):.2e}; dense/ours ({peer}): "

@@ -69,3 +69,21 @@ def test_degenerate_inputs() -> None:
         weighted_consistency(torch.zeros(3, 2), torch.ones(3))
     with pytest.raises(ValueError, match="weights"):
         weighted_consistency(torch.ones(3, 2), torch.ones(4))
+
+
+def test_add_embeddings_centres_normalises_and_drops_zero_rows() -> None:
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(3000, 7, generator=g, dtype=torch.float64) + 2.0
+    w = torch.rand(3000, generator=g, dtype=torch.float64) + 0.1
+    slots = torch.randint(0, 4, (3000,), generator=g)
+    centre = emb.mean(dim=0)
+    emb[10] = centre  # centres to the zero vector: left out
+    acc = ConsistencyAccumulator(4, 7)
+    used = acc.add_embeddings(slots, emb, w, centre_D=centre)
+    assert used.sum() == 2999 and not used[10]
+    got = acc.consistency()
+    keep = torch.arange(3000) != 10
+    for c in range(4):
+        m = (slots == c) & keep
+        ref = pairwise_consistency_dense(emb[m] - centre, w[m])
+        assert float(got[c]) == pytest.approx(ref, abs=1e-6)

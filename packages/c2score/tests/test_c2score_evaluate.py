@@ -156,6 +156,25 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         evaluate_c2(images, acts * 2, maps, TinyExtractor(), cfg, work_dir=tmp_path)
 
 
+def test_a_crash_inside_a_batch_rolls_it_back_and_resumes_exactly(tmp_path: Path) -> None:
+    images, acts, maps = _data(6)
+    acts[:, 0] = torch.linspace(1, 2, N)  # concept 0 selects the last 10 images
+    cfg = EvalConfig(batch_size=4, checkpoint_every=100, progress=False)
+    full = evaluate_c2(images, acts, maps, TinyExtractor(), cfg)
+
+    def flaky(image: int, concepts: torch.Tensor) -> torch.Tensor:
+        if image == 30:  # images 28, 29 of the batch 28..31 are already embedded
+            raise OSError("attribution store went away")
+        return maps[image, concepts]
+
+    with pytest.raises(OSError, match="went away"):
+        evaluate_c2(images, acts, flaky, TinyExtractor(), cfg, work_dir=tmp_path)
+    again = TinyExtractor()
+    resumed = evaluate_c2(images, acts, maps, again, cfg, work_dir=tmp_path)
+    assert min(again.seen) == 28  # saved on the way out although no checkpoint was due
+    _assert_same(full, resumed)
+
+
 class TwoStage(TinyExtractor):
     """Exposes lowres / upsample like the DINOv2 + upsampler extractors."""
 
@@ -212,3 +231,27 @@ def test_generators_are_accepted_and_checked() -> None:
         evaluate_c2(iter(images[:30]), acts, maps, TinyExtractor(), cfg)
     with pytest.raises(ValueError, match="more images"):
         evaluate_c2(iter([*images, images[0]]), acts, maps, TinyExtractor(), cfg)
+
+
+def test_with_a_tiny_dinov2_and_bilinear_upsampling(tmp_path: Path) -> None:
+    """The real two-stage extractor (random tiny DINOv2 + bilinear) runs through the metric."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from c2score.features import BilinearUpsampler, Dinov2PatchFeatures, UpsampledFeatureExtractor
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        image_size=28, patch_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    ext = UpsampledFeatureExtractor(Dinov2PatchFeatures(Dinov2Model(config)), BilinearUpsampler())
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 28, 28, generator=g) for _ in range(12)]
+    images.append(torch.rand(3, 5, 5, generator=g))  # smaller than one patch: skipped, counted
+    acts = torch.rand(13, 3, generator=g)
+    maps = torch.rand(13, 3, 7, 7, generator=g)
+    cfg = EvalConfig(batch_size=4, progress=False)
+    res = evaluate_c2(images, acts, maps, ext, cfg, lowres_cache=tmp_path)
+    assert res.skipped_images == {"smaller_than_patch": 1}
+    assert res.feature_dim == 16 and len(res.concept_ids) == 3
+    assert all(-1 <= c <= 1 for c in res.consistency) and math.isfinite(res.c2)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 12

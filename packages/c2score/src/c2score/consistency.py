@@ -49,8 +49,14 @@ def pairwise_consistency_dense(emb_ND: torch.Tensor, weight_N: torch.Tensor) -> 
     return float((ww_NN * sim_NN).sum() / ww_NN.sum())
 
 
+_ROWS = 1024  # rows folded per step: temporaries stay small and cache-resident
+
+
 class ConsistencyAccumulator:
-    """Running sums for the consistencies of C concepts, fed unit embeddings in any order."""
+    """Running sums for the consistencies of C concepts, fed embeddings in any order and chunking.
+
+    Memory: C x D float64 (sum_i w_i u_i) plus three C-vectors, whatever the number of images.
+    """
 
     def __init__(self, n_concepts: int, dim: int) -> None:
         self.sum_wu_CD = torch.zeros(n_concepts, dim, dtype=torch.float64)
@@ -58,16 +64,50 @@ class ConsistencyAccumulator:
         self.sum_w2_C = torch.zeros(n_concepts, dtype=torch.float64)
         self.count_C = torch.zeros(n_concepts, dtype=torch.int64)
 
+    def _fold(
+        self, slot_K: torch.Tensor, rows_KD: torch.Tensor, scale_K: torch.Tensor, w_K: torch.Tensor
+    ) -> None:
+        """sum_wu[slot] += scale * row (row products in the rows' precision, sums in float64)."""
+        scaled = rows_KD * scale_K.to(device=rows_KD.device, dtype=rows_KD.dtype)[:, None]
+        self.sum_wu_CD.index_add_(0, slot_K, scaled.to(device="cpu", dtype=torch.float64))
+        self.sum_w_C.index_add_(0, slot_K, w_K)
+        self.sum_w2_C.index_add_(0, slot_K, w_K * w_K)
+        self.count_C.index_add_(0, slot_K, torch.ones_like(slot_K))
+
     def add(self, slot_K: torch.Tensor, unit_KD: torch.Tensor, weight_K: torch.Tensor) -> None:
         """Fold in K unit embeddings ``unit_KD`` of concepts ``slot_K`` with weights ``weight_K``."""
-        slot_K = slot_K.long().cpu()
-        w = weight_K.to(torch.float64).cpu()
-        # per-row products in the rows' precision, sums in float64
-        scaled_KD = unit_KD * weight_K.to(device=unit_KD.device, dtype=unit_KD.dtype)[:, None]
-        self.sum_wu_CD.index_add_(0, slot_K, scaled_KD.to(device="cpu", dtype=torch.float64))
-        self.sum_w_C.index_add_(0, slot_K, w)
-        self.sum_w2_C.index_add_(0, slot_K, w * w)
-        self.count_C.index_add_(0, slot_K, torch.ones_like(slot_K))
+        slot_K, w_K = slot_K.long().cpu(), weight_K.to(torch.float64).cpu()
+        for r0 in range(0, len(slot_K), _ROWS):
+            r = slice(r0, r0 + _ROWS)
+            self._fold(slot_K[r], unit_KD[r], w_K[r], w_K[r])
+
+    def add_embeddings(
+        self,
+        slot_K: torch.Tensor,
+        emb_KD: torch.Tensor,
+        weight_K: torch.Tensor,
+        centre_D: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Centre (optionally, in float64), normalise and fold in raw embeddings in one sweep.
+
+        Returns the (K,) mask of the rows used: zero or non-finite vectors are left out.
+        """
+        slot_K, w_K = slot_K.long().cpu(), weight_K.to(torch.float64).cpu()
+        used = torch.zeros(len(slot_K), dtype=torch.bool)
+        for r0 in range(0, len(slot_K), _ROWS):
+            r = slice(r0, r0 + _ROWS)
+            e = emb_KD[r]
+            if centre_D is not None:
+                e = e.to(torch.float64) - centre_D.to(device=e.device, dtype=torch.float64)
+            norm = torch.linalg.vector_norm(e, dim=1, dtype=torch.float64).cpu()
+            ok = torch.isfinite(norm) & (norm > 0)
+            used[r] = ok
+            if bool(ok.all()):
+                self._fold(slot_K[r], e, w_K[r] / norm, w_K[r])
+            else:
+                idx = ok.nonzero().flatten()
+                self._fold(slot_K[r][idx], e[idx.to(e.device)], (w_K[r] / norm)[idx], w_K[r][idx])
+        return used
 
     def consistency(self) -> torch.Tensor:
         """(C,) float64 consistencies; NaN for concepts with fewer than two embeddings."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,21 @@ class _Pass:
         else:
             for i in range(self.n_shards):
                 yield load_file(str(work_dir / f"shard_{i:06d}.safetensors"))
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return (
+            self.feat_sum_D.clone(),
+            self.n_feat,
+            Counter(self.image_skips),
+            Counter(self.pair_skips),
+            dict(self.skipped_examples),
+            len(self.buffer),
+        )
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        self.feat_sum_D, self.n_feat, self.image_skips, self.pair_skips = snap[:4]
+        self.skipped_examples = snap[4]
+        del self.buffer[snap[5] :]
 
     def skip_image(self, index: int, reason: str, detail: str) -> None:
         self.image_skips[reason] += 1
@@ -333,8 +348,13 @@ def _stream(
                     f"the feature extractor returned {tuple(feats.shape)} for images "
                     f"{tuple(x.shape)}; expected (B, {dim}, H, W) at image resolution"
                 )
-            for b, i in enumerate(idx):
-                _process_image(i, feats[b].float(), selection, source, n_slots, config, state)
+            snapshot = state.snapshot()
+            try:
+                for b, i in enumerate(idx):
+                    _process_image(i, feats[b].float(), selection, source, n_slots, config, state)
+            except BaseException:
+                state.restore(snapshot)  # all of a batch or nothing: checkpoints stay exact
+                raise
             since_checkpoint += len(idx)
             bar.update(len(idx))
             state.next_image = idx[-1] + 1
@@ -343,11 +363,38 @@ def _stream(
             state.flush(wdir)
             since_checkpoint = 0
 
+    try:
+        last = _loop(images, n_images, state, batch, config, min_side, run_batch, bar)
+    except BaseException:
+        bar.close()
+        if wdir is not None:  # save what is complete before the error surfaces
+            state.flush(wdir)
+        raise
+    state.next_image = max(state.next_image, last + 1)
+    state.flush(wdir)
+    bar.close()
+    if state.next_image < n_images:
+        raise ValueError(
+            f"only {state.next_image} images for the {n_images} rows of the activation table "
+            "(progress saved)"
+        )
+
+
+def _loop(
+    images: Sequence[ImageLike] | Iterable[ImageLike],
+    n_images: int,
+    state: _Pass,
+    batch: list[tuple[int, torch.Tensor]],
+    config: EvalConfig,
+    min_side: int,
+    run_batch: Callable[[], None],
+    bar: tqdm,
+) -> int:
+    """Feed images into batches; returns the index of the last image seen."""
     last = state.next_image - 1
     for i, item in _indexed_images(images, state.next_image):
         if i >= n_images:
             run_batch()
-            state.flush(wdir)
             raise ValueError(
                 f"more images than the {n_images} rows of the activation table (progress saved)"
             )
@@ -363,14 +410,7 @@ def _stream(
             run_batch()
         batch.append((i, t))
     run_batch()
-    state.next_image = max(state.next_image, last + 1)
-    state.flush(wdir)
-    bar.close()
-    if state.next_image < n_images:
-        raise ValueError(
-            f"only {state.next_image} images for the {n_images} rows of the activation table "
-            "(progress saved)"
-        )
+    return last
 
 
 def _check_image(
@@ -458,11 +498,8 @@ def _finalise(
     acc = ConsistencyAccumulator(n_slots + len(seeds), dim)
     pair_skips = Counter(state.pair_skips)
     for shard in state.shards(wdir):
-        e = shard["emb"].double() - mu_D
-        norm = e.norm(dim=1)
-        ok = norm > 0
-        pair_skips["zero_centred_embedding"] += int((~ok).sum())
-        acc.add(shard["slot"][ok], e[ok] / norm[ok, None], shard["weight"][ok])
+        used = acc.add_embeddings(shard["slot"], shard["emb"], shard["weight"], centre_D=mu_D)
+        pair_skips["zero_centred_embedding"] += int((~used).sum())
 
     cons = acc.consistency()
     counts = acc.count_C
