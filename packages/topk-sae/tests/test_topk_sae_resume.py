@@ -34,6 +34,7 @@ CFG = TrainConfig(
     checkpoint_every=4,
     progress=False,
     log_every=1,
+    deterministic=True,
 )
 
 
