@@ -98,7 +98,7 @@ def test_sobol_total_indices_of_a_linear_head_match_the_analytic_values(layout: 
     want = c**2 / (c**2).sum(1, keepdim=True)
     cfg = ImportanceConfig(sobol_designs=2048, max_elements=5000)
     got = sobol_total_indices(head, codes, TARGETS, layout, cfg)
-    assert_close(got, want, atol=0.02, rtol=0)
+    assert_close(got, want, atol=0.005, rtol=0)  # observed max error 0.0017
 
 
 def test_sobol_on_codes_skips_inactive_concepts_exactly_and_streams() -> None:

@@ -37,16 +37,17 @@ def test_analytic_reference_values() -> None:
     ("sequence", "scramble"), [("halton", False), ("sobol", False), ("halton", True)]
 )
 def test_jansen_recovers_ishigami_total_indices(sequence: str, scramble: bool) -> None:
-    # 8192 designs (4 x 8192 = 32k evaluations): within 0.01 of the analytic indices.
+    # 8192 designs (4 x 8192 = 32k evaluations): within 0.005 of the analytic indices (observed
+    # max errors: 0.001 Halton, 0.001 Sobol, 0.002 scrambled Halton; 1024 designs: up to 0.011).
     st = jansen_total_indices(ishigami, 3, 8192, sequence=sequence, scramble=scramble, seed=3)
-    np.testing.assert_allclose(st.numpy(), ishigami_total_indices(), atol=0.01)
+    np.testing.assert_allclose(st.numpy(), ishigami_total_indices(), atol=0.005)
 
 
 def test_jansen_recovers_a_weighted_sum_of_independent_inputs() -> None:
     # f = sum_i w_i x_i, x_i ~ U[0,1) independent: ST_i = w_i^2 / sum_j w_j^2 (no interactions).
     w = torch.tensor([4.0, -2.0, 1.0, 0.5, 0.0, 3.0], dtype=torch.float64)
     st = jansen_total_indices(lambda p: p @ w, 6, 4096)
-    np.testing.assert_allclose(st.numpy(), (w**2 / (w**2).sum()).numpy(), atol=0.005)
+    np.testing.assert_allclose(st.numpy(), (w**2 / (w**2).sum()).numpy(), atol=0.002)
 
 
 def test_streaming_chunks_and_index_subsets_do_not_change_the_estimate() -> None:
