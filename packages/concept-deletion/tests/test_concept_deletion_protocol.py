@@ -7,9 +7,11 @@ from concept_deletion_helpers import LinearHead
 from torch import Tensor
 
 from concept_deletion import (
+    ComparisonConfig,
     ImportanceConfig,
     ProtocolConfig,
     always_on_concepts,
+    compare_measures,
     curves_from_json,
     curves_to_json,
     deletion_curve,
@@ -48,17 +50,14 @@ def _dataset(n_per_class: int = 10) -> list[tuple[Tensor, int]]:
 
 
 def _config(**kw: object) -> ProtocolConfig:
-    base = dict(
-        n_classes=2,
-        per_class=4,
+    comparison = ComparisonConfig(
         measures=("contribution", "gradient_x_input", "saliency", "occlusion", "sobol", "random"),
         orderings=("local", "global"),
         modes=("deletion", "insertion"),
         schedule="all",
         importance=ImportanceConfig(sobol_designs=8),
     )
-    base.update(kw)
-    return ProtocolConfig(**base)  # type: ignore[arg-type]
+    return ProtocolConfig(n_classes=2, per_class=4, comparison=comparison, **kw)  # type: ignore[arg-type]
 
 
 def test_select_images_is_reproducible_and_balanced() -> None:
@@ -148,3 +147,27 @@ def test_json_roundtrip_csv_and_plot(tmp_path) -> None:
     assert rows[0] == "measure,mode,count,fraction,mean_score,accuracy" and len(rows) == K + 2
     fig = plot_curves([curve], tmp_path / "fig.png", title="test")
     assert (tmp_path / "fig.png").stat().st_size > 1000 and len(fig.axes) == 2
+
+
+def test_compare_measures_on_one_batch() -> None:
+    model = CodeModel()
+    codes = torch.stack([x for x, _ in _dataset()[:6]])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    cfg = ComparisonConfig(
+        measures=("contribution", "integrated_gradients", "saliency", "random"),
+        orderings=("local", "global"),
+        schedule="all",
+    )
+    contrib = model.linear.contributions(codes, labels)
+    curves = compare_measures(
+        model.head, codes, labels, "BKHW", cfg, labels=labels, contributions=contrib
+    )
+    names = [c.measure for c in curves]
+    assert names == [f"{m}/{o}" for m in cfg.measures for o in cfg.orderings]
+    best = curves[0]
+    assert all(c.auc_score >= best.auc_score - 1e-12 for c in curves)
+    np.testing.assert_allclose(curves[2].scores, best.scores, atol=1e-10)  # IG exact if linear
+    with pytest.raises(ValueError, match="global ordering needs"):
+        compare_measures(model.head, codes, labels, "BKHW", cfg, contributions=contrib)
+    with pytest.raises(ValueError, match="unknown importance measure"):
+        compare_measures(model.head, codes, labels, "BKHW", ComparisonConfig(measures=("x",)))

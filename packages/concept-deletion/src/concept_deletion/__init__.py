@@ -41,9 +41,11 @@ from concept_deletion.layout import Layout, Reduction, apply_masks, check_codes,
 from concept_deletion.output import curves_from_json, curves_to_json, save_curves
 from concept_deletion.plot import plot_curves
 from concept_deletion.protocol import (
+    ComparisonConfig,
     Ordering,
     ProtocolConfig,
     always_on_concepts,
+    compare_measures,
     paper_protocol,
     select_images,
 )
@@ -53,6 +55,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
+    "ComparisonConfig",
     "ConceptHead",
     "ConceptModel",
     "CurveResult",
@@ -73,6 +76,7 @@ __all__ = [
     "apply_masks",
     "check_codes",
     "class_importance",
+    "compare_measures",
     "curves_from_json",
     "curves_to_json",
     "deletion_curve",

@@ -41,7 +41,15 @@ from concept_deletion.output import (
     write_atomic,
 )
 
-__all__ = ["Ordering", "ProtocolConfig", "always_on_concepts", "paper_protocol", "select_images"]
+__all__ = [
+    "ComparisonConfig",
+    "Ordering",
+    "ProtocolConfig",
+    "always_on_concepts",
+    "compare_measures",
+    "paper_protocol",
+    "select_images",
+]
 
 
 class Ordering(StrEnum):
@@ -52,17 +60,13 @@ class Ordering(StrEnum):
 
 
 @dataclass(frozen=True)
-class ProtocolConfig:
-    """Settings of :func:`paper_protocol` (defaults: the paper's App. F).
+class ComparisonConfig:
+    """Which measures are compared, and how their deletion curves are taken.
 
     Attributes:
-        n_classes: number of randomly drawn classes (paper: 50).
-        per_class: images per class (paper: 8 test images).
-        seed: seed of the class and image draw.
-        measures: importance measures to compare (``'contribution'`` needs ``contributions``).
+        measures: importance measures (``'contribution'`` needs the model's contributions).
         orderings: ``'local'`` (per-image ranking) and/or ``'global'`` (class-mean ranking).
         modes: ``'deletion'`` and/or ``'insertion'``.
-        target: explained logit, ``'predicted'`` (top-1, as the paper) or ``'label'``.
         score: follow the target ``'logit'`` (paper) or its ``'probability'``.
         schedule: counts of deleted concepts (``'all'`` for small K; ``'geometric'`` or
             ``'linear'`` with ``n_steps`` for large K).
@@ -70,19 +74,17 @@ class ProtocolConfig:
         importance: settings of the measures (Sobol designs, IG steps, memory budget, ...).
     """
 
-    n_classes: int = 50
-    per_class: int = 8
-    seed: int = 0
     measures: tuple[str, ...] = ("contribution", "saliency", "sobol", "random")
     orderings: tuple[str, ...] = ("local",)
     modes: tuple[str, ...] = ("deletion",)
-    target: str = "predicted"
     score: str = "logit"
     schedule: str = "geometric"
     n_steps: int = 50
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
 
     def validate(self) -> None:
+        if not self.measures or not self.orderings or not self.modes:
+            raise ValueError("measures, orderings and modes must not be empty")
         for m in self.measures:
             Measure.parse(m)
         for o in self.orderings:
@@ -91,6 +93,28 @@ class ProtocolConfig:
             Mode(m)
         Score(self.score)
         Schedule(self.schedule)
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Settings of :func:`paper_protocol` (defaults: the paper's App. F).
+
+    Attributes:
+        n_classes: number of randomly drawn classes (paper: 50).
+        per_class: images per class (paper: 8 test images).
+        seed: seed of the class and image draw.
+        target: explained logit, ``'predicted'`` (top-1, as the paper) or ``'label'``.
+        comparison: the measures and curve settings.
+    """
+
+    n_classes: int = 50
+    per_class: int = 8
+    seed: int = 0
+    target: str = "predicted"
+    comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
+
+    def validate(self) -> None:
+        self.comparison.validate()
         if self.target not in ("predicted", "label"):
             raise ValueError(f"target must be 'predicted' or 'label', got {self.target!r}")
         if self.n_classes < 1 or self.per_class < 1:
@@ -152,38 +176,42 @@ def _dataset_labels(dataset: Any) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
-def _run_class(
-    model: ConceptModel,
-    images: Tensor,
-    labels: Tensor,
-    layout: Layout,
-    config: ProtocolConfig,
-    contributions: Callable[[Tensor, Tensor], Tensor] | None,
-    protected: Tensor | None,
+def compare_measures(
+    head: Callable[[Tensor], Tensor],
+    codes: Tensor,
+    targets: Tensor | int,
+    layout: Layout | str,
+    config: ComparisonConfig = ComparisonConfig(),
+    *,
+    labels: Tensor | None = None,
+    contributions: Tensor | None = None,
+    protected: Tensor | None = None,
 ) -> list[CurveResult]:
-    with torch.no_grad():
-        codes = model.codes(images)
-        check_codes(codes, layout)
-        logits = model.head(codes)
-    targets = logits.argmax(dim=1) if config.target == "predicted" else labels
+    """Deletion (insertion) curves of every configured measure and ordering on one code batch.
+
+    Curves are named ``'<measure>/<ordering>'``. ``labels`` give the accuracy curves and are
+    needed for the global (class-mean) ordering; ``contributions`` (shaped like the codes or
+    ``(B, K)``) are needed for the ``'contribution'`` measure.
+    """
+    config.validate()
+    layout = check_codes(codes, layout)
     out = []
     for name in config.measures:
         measure = Measure.parse(name)
-        contrib = None
-        if measure is Measure.CONTRIBUTION:
-            if contributions is None:
-                raise ValueError("measure 'contribution' needs the `contributions` callable")
-            contrib = contributions(codes, targets)
+        if measure is Measure.CONTRIBUTION and contributions is None:
+            raise ValueError("measure 'contribution' needs the model's contributions")
         imp = local_importance(
-            measure, model.head, codes, targets, layout, config.importance, contrib
+            measure, head, codes, targets, layout, config.importance, contributions
         )
         for ordering in config.orderings:
             ranked = imp
             if Ordering(ordering) is Ordering.GLOBAL:
+                if labels is None:
+                    raise ValueError("the global ordering needs the images' labels")
                 ranked = expand_class_importance(*class_importance(imp, labels), labels)
             for mode in config.modes:
                 curve = deletion_curve(
-                    model.head,
+                    head,
                     codes,
                     targets,
                     ranked,
@@ -199,6 +227,37 @@ def _run_class(
                 )
                 out.append(curve)
     return out
+
+
+def _run_class(
+    model: ConceptModel,
+    images: Tensor,
+    labels: Tensor,
+    layout: Layout,
+    config: ProtocolConfig,
+    contributions: Callable[[Tensor, Tensor], Tensor] | None,
+    protected: Tensor | None,
+) -> list[CurveResult]:
+    with torch.no_grad():
+        codes = model.codes(images)
+        check_codes(codes, layout)
+        logits = model.head(codes)
+    targets = logits.argmax(dim=1) if config.target == "predicted" else labels
+    contrib = None
+    if "contribution" in config.comparison.measures:
+        if contributions is None:
+            raise ValueError("measure 'contribution' needs the `contributions` callable")
+        contrib = contributions(codes, targets)
+    return compare_measures(
+        model.head,
+        codes,
+        targets,
+        layout,
+        config.comparison,
+        labels=labels,
+        contributions=contrib,
+        protected=protected,
+    )
 
 
 def paper_protocol(
