@@ -159,3 +159,24 @@ def test_bad_inputs_give_clear_errors() -> None:
     with pytest.raises(ValueError, match="n_designs >= 2"):
         sobol_total_indices(head, codes, TARGETS, "BK", ImportanceConfig(sobol_designs=1))
     assert math.isfinite(float(saliency(head, codes, 0, "BK").sum()))
+
+
+def test_every_head_call_respects_the_memory_budget() -> None:
+    layout = "BKHW"
+    inner, codes = SmoothHead(SHAPES[layout]), random_codes(layout)
+    sizes: list[int] = []
+
+    def head(u: torch.Tensor) -> torch.Tensor:
+        sizes.append(u.numel())
+        return inner(u)
+
+    budget = 3 * 5 * 3 * 2  # three codes of (5, 3, 2) per forward pass
+    cfg = ImportanceConfig(sobol_designs=64, ig_steps=9, max_elements=budget)
+    for measure in ("sobol", "occlusion", "integrated_gradients", "saliency"):
+        sizes.clear()
+        local_importance(measure, head, codes, TARGETS, layout, cfg)
+        assert sizes and max(sizes) <= budget, measure
+    # Sobol: 64 designs x (5 + 1) rows per image, all streamed in chunks of 3 codes.
+    sizes.clear()
+    sobol_total_indices(head, codes, TARGETS, layout, cfg)
+    assert sum(sizes) == 4 * 64 * 6 * 30
