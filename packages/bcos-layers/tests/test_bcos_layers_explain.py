@@ -136,6 +136,8 @@ def test_intermediate_value_and_layer_contributions(
     # contributions of the layer's features to a logit (layer-level completeness)
     lx = explain(model, x, 2, wrt=layer)
     assert lx.weights.shape == feats["f"].shape
+    f = feats["f"]
+    assert lx.contribution_map.shape == ((3, *f.shape[2:]) if f.dim() == 4 else f.shape[:2])
     assert torch.equal(lx.pos_emb, torch.zeros(3))
     assert lx.completeness_error.abs().max() <= 1e-5 * _scale(lx)
 

@@ -3,6 +3,7 @@ input validation."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -26,10 +27,11 @@ REF_LISTS = {
 }
 
 
-def _meta(name: str, **kw: object) -> nn.Module:
-    """Build on the meta device: shapes and keys without allocating or initializing weights."""
+@functools.cache
+def _meta(name: str) -> nn.Module:
+    """Build on the meta device (cached): shapes and keys without real weights."""
     with torch.device("meta"):
-        model = create(name, **kw)
+        model = create(name)
     model.validate_inputs = False
     return model
 
@@ -80,8 +82,12 @@ def test_other_resnets_match_official_layout(name: str) -> None:
 def test_shapes_at_fact_hook_points_for_224(name: str, layer: str, shape: tuple) -> None:
     model = _meta(name)
     seen = {}
-    dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: seen.update(o=o))
-    out = model(torch.empty(2, 6, 224, 224, device="meta"))
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: seen.update(o=o))
+    try:
+        out = model(torch.empty(2, 6, 224, 224, device="meta"))
+    finally:
+        handle.remove()
     assert out.shape == (2, 1000)
     assert tuple(seen["o"].shape) == shape
 
@@ -194,9 +200,12 @@ def test_vit_rejects_sizes_its_stem_cannot_tokenize(tiny_models: dict[str, nn.Mo
         tiny_models["tiny_vitc"](torch.rand(1, 6, 30, 32))
     vit = _meta("vitc_s_patch1_14")
     vit.validate_inputs = True
-    assert vit[0].validate_inputs
-    with pytest.raises(ValueError, match=r"divisible by 16.*224x224"):
-        vit(torch.empty(1, 6, 200, 224, device="meta"))
+    try:
+        assert vit[0].validate_inputs
+        with pytest.raises(ValueError, match=r"divisible by 16.*224x224"):
+            vit(torch.empty(1, 6, 200, 224, device="meta"))
+    finally:
+        vit.validate_inputs = False
 
 
 def test_validation_can_be_switched_off(tiny_models: dict[str, nn.Module]) -> None:

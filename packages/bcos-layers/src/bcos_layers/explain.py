@@ -32,7 +32,8 @@ class Explanation(NamedTuple):
     Attributes:
         weights: dynamic linear weights ``W(x) = ∂value/∂x`` in explanation mode, ``[B, C, H, W]``.
         contributions: ``x ⊙ W(x)``, ``[B, C, H, W]``.
-        contribution_map: contributions summed over channels, ``[B, H, W]``.
+        contribution_map: contributions summed over channels, ``[B, H, W]`` (for ViT tokens
+            ``[B, N, D]`` with ``wrt``: summed over features, ``[B, N]``).
         value: the explained scalar per sample (e.g. the logit, bias included), ``[B]``.
         bias: contribution of the logit-layer bias to ``value``, ``[B]`` (0 if none).
         pos_emb: contribution of the fixed positional embedding (ViT), ``[B]`` (0 if none).
@@ -206,7 +207,12 @@ def explain(
     pos_emb = term(pe_leaves, grads[1 + nb :])
     value = value.detach()
     error = value - (contributions.flatten(1).sum(1) + bias + pos_emb)
-    contribution_map = contributions.sum(1) if contributions.dim() == 4 else contributions
+    if contributions.dim() == 4:  # images / CNN feature maps [B, C, H, W] -> [B, H, W]
+        contribution_map = contributions.sum(1)
+    elif contributions.dim() == 3:  # ViT tokens [B, N, D] -> [B, N]
+        contribution_map = contributions.sum(-1)
+    else:
+        contribution_map = contributions
     return Explanation(
         weights=weights,
         contributions=contributions,
