@@ -342,13 +342,25 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.skipif(
-    os.environ.get("FACT_ONLINE_TESTS") != "1", reason="downloads ~100 MB; set FACT_ONLINE_TESTS=1"
+    os.environ.get("FACT_ONLINE_TESTS") != "1", reason="downloads ~32 MB; set FACT_ONLINE_TESTS=1"
 )
 def test_online_download_real_checkpoint() -> None:
+    """The real release file: download (or cache), hash, strict load, same logits as bcos."""
+    import bcos.models.pretrained as official
+
+    from bcos_layers.models import create
+
     state = P.load_official_state_dict("densenet121")
     assert len(state) == 605
     assert state["features.conv0.linear.weight"].shape == (64, 6, 7, 7)
     assert state["classifier.linear.weight"].shape == (1000, 1024, 1, 1)
+    ours = create("densenet121", pretrained=True)
+    theirs = official.densenet121(pretrained=False).eval()
+    theirs.load_state_dict(state, strict=True)
+    rgb = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([rgb, 1 - rgb], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- with the model zoo
