@@ -57,6 +57,7 @@ def test_cli_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         "--images", str(p["images"]), "--activations", str(p["acts"]), "--attributions", str(p["maps"]),
         "--backbone", f"oracle:{p['oracle']}", "--resize", "0", "--crop", "0", "--no-progress",
         "--device", "cpu", "--out", str(out), "--work-dir", str(tmp_path / "run"),
+        "--histogram", str(tmp_path / "hist.png"),
     ]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
@@ -65,7 +66,11 @@ def test_cli_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     cons = dict(zip(report["per_concept"]["concept_id"], report["per_concept"]["consistency"]))
     assert cons[0] > 0.95 and cons[1] < 0.5
     assert report["c2"] == pytest.approx(np.mean(list(cons.values())) - report["baseline"]["mean"])
-    assert "C2-score" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "C2-score" in captured.out
+    # matplotlib is optional: either the plot is written or the user is told why not
+    assert (tmp_path / "hist.png").is_file() or "matplotlib" in captured.err
+    assert sum(report["distribution"]["counts"]) == 2
     assert main(argv) == 0  # a finished work dir: same report again
     assert json.loads(out.read_text())["c2"] == report["c2"]
 

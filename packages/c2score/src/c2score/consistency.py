@@ -99,7 +99,8 @@ class ConsistencyAccumulator:
             e = emb_KD[r]
             if centre_D is not None:
                 e = e.to(torch.float64) - centre_D.to(device=e.device, dtype=torch.float64)
-            norm = torch.linalg.vector_norm(e, dim=1, dtype=torch.float64).cpu()
+            # the norm in the rows' precision (a float64 upcast inside vector_norm is ~10x slower)
+            norm = torch.linalg.vector_norm(e, dim=1).to(device="cpu", dtype=torch.float64)
             ok = torch.isfinite(norm) & (norm > 0)
             used[r] = ok
             if bool(ok.all()):

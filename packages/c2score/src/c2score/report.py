@@ -52,7 +52,9 @@ class C2Result:
 
     def histogram(self, bins: int = 20) -> tuple[list[float], list[int]]:
         """(bin edges, counts) of the per-concept consistencies over [-1, 1]."""
-        counts, edges = np.histogram(np.asarray(self.consistency), bins=bins, range=(-1.0, 1.0))
+        # rounding can put a perfectly consistent concept at 1 + 1e-16: clip into the range
+        values = np.clip(np.asarray(self.consistency, dtype=np.float64), -1.0, 1.0)
+        counts, edges = np.histogram(values, bins=bins, range=(-1.0, 1.0))
         return edges.tolist(), counts.tolist()
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +118,7 @@ class C2Result:
         except ImportError:
             return False
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(self.consistency, bins=bins, range=(-1, 1), color="tab:blue")
+        ax.hist(np.clip(self.consistency, -1, 1), bins=bins, range=(-1, 1), color="tab:blue")
         ax.axvline(self.baseline_mean, color="tab:red", ls="--", label="random baseline")
         ax.set_xlabel("consistency (Eq. 15)")
         ax.set_ylabel("concepts")
