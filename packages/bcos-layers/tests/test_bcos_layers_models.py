@@ -15,6 +15,7 @@ from torch import nn
 
 import bcos_layers
 from bcos_layers.models import PretrainedCfg, create, list_models
+from bcos_layers.pretrained import convert_to_safetensors
 
 # state-dict key lists of the official models (name<TAB>shape<TAB>dtype), from bcos 0.1.3
 REF_DIR = Path(__file__).parent / "data"
@@ -146,7 +147,10 @@ def test_pretrained_from_local_files_loads_strictly(tmp_path: Path) -> None:
     x = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = src(x)
-        for f in (pth, st):
+        converted = convert_to_safetensors(
+            pth, tmp_path / "converted", arch="tiny_resnet", check_hash=False
+        )
+        for f in (pth, st, converted):
             model = create("tiny_resnet", pretrained=f)
             assert torch.equal(model(x), expected)
             assert model.pretrained_cfg.source == str(f)

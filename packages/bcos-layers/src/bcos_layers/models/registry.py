@@ -184,7 +184,9 @@ def create(
         name: one of :func:`list_models`.
         pretrained: ``False`` (random init), ``True`` (official B-cos-v2 checkpoint of ``name``,
             downloaded and hash-checked by :mod:`bcos_layers.pretrained`), or a path to a local
-            checkpoint: ``.safetensors``, or a ``torch.save``'d plain state dict loaded with
+            checkpoint: a directory from :func:`bcos_layers.pretrained.convert_to_safetensors`
+            (its ``config.json`` must name ``name``), a ``.safetensors`` file, or a
+            ``torch.save``'d plain state dict loaded with
             ``weights_only=True`` (for official names its file name must carry the SHA-256
             prefix, see :func:`bcos_layers.pretrained.load_official_state_dict`).
         **kwargs: constructor overrides (e.g. ``num_classes``); with ``pretrained`` the strict
@@ -213,7 +215,9 @@ def create(
             resize = official.OFFICIAL_CHECKPOINTS[name].resize_size
         else:
             path = Path(pretrained).expanduser()
-            if path.suffix == ".safetensors":
+            if path.is_dir():  # written by bcos_layers.pretrained.convert_to_safetensors
+                state = official.load_safetensors_checkpoint(path, arch=name).state_dict
+            elif path.suffix == ".safetensors":
                 state = _read_safetensors(path)
             elif name in official.OFFICIAL_CHECKPOINTS:  # hash-checked like the release files
                 state = official.load_official_state_dict(name, file=path)
