@@ -146,6 +146,9 @@ def main() -> None:
     p.add_argument("--random-n-dense", type=int, default=12_000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cases", nargs="+", choices=["concepts", "random"], default=["concepts", "random"]
+    )
     p.add_argument("--worker", nargs=2, default=None)
     p.add_argument("--scores-out", default="")
     args = p.parse_args()
@@ -168,6 +171,8 @@ def main() -> None:
             f"random baseline, D={args.dim}: dense N={args.random_n_dense}, ours N={args.random_n_dense} and {args.random_n}",
         ),
     ):
+        if case not in args.cases:
+            continue
         print(f"\n## {label}")
         runs = {m: _spawn(case, m, args, extra) for m in ("dense", "stream")}
         if case == "random":  # ours also at the dense size, for a like-for-like comparison

@@ -207,6 +207,7 @@ def test_bad_inputs_fail_up_front_or_are_counted() -> None:
         evaluate_c2(images, acts, maps[:, :3], TinyExtractor(), cfg)
     acts = acts.clone()
     acts[3, 1] = float("nan")
+    acts[11] = float("nan")  # the concept model failed on image 11: the image is left out
     bad = list(images)
     bad[7] = torch.rand(3, 1, 1)  # smaller than the patch
     bad[8] = torch.full((3, H, W), 2.0)  # float image outside [0, 1]
@@ -215,8 +216,12 @@ def test_bad_inputs_fail_up_front_or_are_counted() -> None:
     acts[9, 2] = 5.0
     res = evaluate_c2(bad, acts, maps, TinyExtractor(), cfg)
     assert res.skipped_concepts["non_finite_activations"] == [1]
-    assert res.skipped_images == {"smaller_than_patch": 1, "invalid_image": 1}
-    assert res.n_images_used == N - 2
+    assert res.skipped_images == {
+        "smaller_than_patch": 1,
+        "invalid_image": 1,
+        "non_finite_activations": 1,
+    }
+    assert res.n_images_used == N - 3
     assert res.skipped_pairs["non_finite_attribution"] == 1
 
 

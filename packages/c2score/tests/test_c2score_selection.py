@@ -67,6 +67,22 @@ def test_non_finite_columns_are_skipped_and_counted() -> None:
     assert sel.skipped["non_finite_activations"].tolist() == [1, 2]
 
 
+def test_an_all_nan_row_excludes_the_image_not_every_concept() -> None:
+    acts = torch.rand(40, 3) + 0.1
+    acts[6] = float("nan")
+    acts[9, 2] = float("nan")
+    sel = select_images(acts)
+    assert sel.bad_images.tolist() == [6]
+    assert sel.concept_ids.tolist() == [0, 1]
+    assert sel.skipped["non_finite_activations"].tolist() == [2]
+    assert 6 not in sel.pair_image.tolist()
+    nz = acts.isfinite().logical_not() | (acts != 0)
+    idx = nz.nonzero()
+    sparse = ActivationTable.from_sparse(idx[:, 0], idx[:, 1], acts[idx[:, 0], idx[:, 1]], (40, 3))
+    other = select_images(sparse)
+    assert other.bad_images.tolist() == [6] and torch.equal(other.pair_image, sel.pair_image)
+
+
 def test_sparse_and_dense_tables_select_the_same_pairs() -> None:
     g = torch.Generator().manual_seed(1)
     acts = torch.rand(500, 30, generator=g)

@@ -364,7 +364,9 @@ def _stream(
             since_checkpoint = 0
 
     try:
-        last = _loop(images, n_images, state, batch, config, min_side, run_batch, bar)
+        last = _loop(
+            images, n_images, selection.bad_images, state, batch, config, min_side, run_batch, bar
+        )
     except BaseException:
         bar.close()
         if wdir is not None:  # save what is complete before the error surfaces
@@ -383,6 +385,7 @@ def _stream(
 def _loop(
     images: Sequence[ImageLike] | Iterable[ImageLike],
     n_images: int,
+    bad_images: torch.Tensor,
     state: _Pass,
     batch: list[tuple[int, torch.Tensor]],
     config: EvalConfig,
@@ -391,6 +394,8 @@ def _loop(
     bar: tqdm,
 ) -> int:
     """Feed images into batches; returns the index of the last image seen."""
+    bad_rows = torch.zeros(n_images + 1, dtype=torch.bool)
+    bad_rows[bad_images] = True
     last = state.next_image - 1
     for i, item in _indexed_images(images, state.next_image):
         if i >= n_images:
@@ -400,6 +405,8 @@ def _loop(
             )
         last = i
         reason, detail, t = _check_image(item, min_side)
+        if bad_rows[i]:
+            reason, detail, t = "non_finite_activations", "the whole activation row", None
         if t is None:
             run_batch()  # keep "images < next_image are done" exact for checkpoints
             state.skip_image(i, reason, detail)

@@ -7,7 +7,10 @@ Rule, per concept c over the N evaluation images:
   ``k = max(min_top, ceil(top_fraction * n))`` by activation (top 5 %, but at least the top 10);
 * ties are broken deterministically by the lower image index;
 * concepts left with fewer than ``min_images`` (5) images are skipped and counted, as are
-  concepts whose column holds a NaN or an infinity.
+  concepts whose column holds a NaN or an infinity;
+* an image whose *whole* row is NaN / infinite (e.g. the concept model failed on it) is
+  excluded from the evaluation instead (listed in ``Selection.bad_images``), so that one broken
+  image does not disqualify every concept.
 
 The authors' code (``get_indices_to_explain``) selects ``a > min(quantile_0.95, 11th largest)``,
 which can take more than k images when values tie; a fixed k with index tie-breaking is exact
@@ -78,6 +81,8 @@ class Selection(NamedTuple):
     """(N + 1,) int64 offsets into the pair arrays per image."""
     skipped: dict[str, torch.Tensor]
     """Reason -> (int64) ids of the concepts skipped for it."""
+    bad_images: torch.Tensor
+    """(int64) images whose whole activation row is non-finite: left out of the evaluation."""
     n_images: int
     n_concepts: int
 
@@ -121,15 +126,30 @@ def select_images(
     per_concept_images: list[torch.Tensor] = []
     per_concept_weights: list[torch.Tensor] = []
     finite = torch.ones(n_concepts, dtype=torch.bool)
+    n_bad_N = torch.zeros(n_images, dtype=torch.int64)  # non-finite entries per image
+    if table.dense is not None:
+        for c0 in range(0, n_concepts, block_concepts):
+            n_bad_N += (~torch.isfinite(table.dense[:, c0 : c0 + block_concepts])).sum(dim=1)
+    else:
+        assert table.values is not None and table.image_index is not None
+        bad_entries = ~torch.isfinite(table.values)
+        n_bad_N.index_add_(
+            0, table.image_index[bad_entries], torch.ones_like(n_bad_N)[: int(bad_entries.sum())]
+        )
+    bad_images = torch.nonzero(n_bad_N == n_concepts).flatten()
+    row_ok_N = n_bad_N < n_concepts
     if table.dense is not None:
         for c0 in range(0, n_concepts, block_concepts):
             block = table.dense[:, c0 : c0 + block_concepts].float()
+            block = torch.where(row_ok_N[:, None], block, torch.zeros((), dtype=block.dtype))
             ims, ws, fin = _select_column_block(block, config)
             per_concept_images += ims
             per_concept_weights += ws
             finite[c0 : c0 + block.shape[1]] = fin
     else:
         ims_all, cons_all, vals_all = table.sparse_sorted_by_concept()
+        row_ok = row_ok_N[ims_all]
+        ims_all, cons_all, vals_all = ims_all[row_ok], cons_all[row_ok], vals_all[row_ok]
         fin_vals = torch.isfinite(vals_all)
         bad = torch.unique(cons_all[~fin_vals])
         finite[bad] = False
@@ -181,6 +201,7 @@ def select_images(
         pair_weight=pair_weight,
         image_ptr=image_ptr,
         skipped=skipped,
+        bad_images=bad_images,
         n_images=n_images,
         n_concepts=n_concepts,
     )
