@@ -215,3 +215,25 @@ def test_attention_matches_dense_reference_and_detaches_qk() -> None:
         out = att(xg)
         g = torch.autograd.grad(out[0, 2, 3], xg)[0]
     torch.testing.assert_close((g * x[:1]).sum(), out[0, 2, 3].detach())
+
+
+@pytest.mark.parametrize("b", [2, 2.5])
+def test_inference_path_is_bitwise_equal_to_autograd_path(b: float) -> None:
+    """Under no_grad the layers compute in place; values must not change by a single bit."""
+    torch.manual_seed(0)
+    conv1 = BcosConv2d(4, 6, 1, b=b)
+    conv3 = BcosConv2d(4, 6, 3, 2, 1, b=b, max_out=2)
+    lin = BcosLinear(4, 5, b=b)
+    bn = BatchNormUncentered2d(4).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 4, 9, 9, generator=_gen())
+    xv = torch.randn(3, 7, 4, generator=_gen())
+    for layer, inp in [(conv1, x), (conv3, x), (lin, xv), (bn, x)]:
+        with_grad = layer(inp)
+        assert with_grad.requires_grad or isinstance(layer, BatchNormUncentered2d)
+        with torch.no_grad():
+            assert torch.equal(layer(inp), with_grad)
+        with torch.inference_mode():
+            assert torch.equal(layer(inp), with_grad)

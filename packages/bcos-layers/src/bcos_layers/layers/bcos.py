@@ -46,6 +46,13 @@ def _dynamic_scale(lin: Tensor, norm: Tensor, b: float, detach: bool) -> Tensor:
     return ((lin / norm).abs() + 1e-6).pow(b - 1)
 
 
+def _inplace_scaled(lin: Tensor, norm: Tensor, b: float) -> Tensor:
+    """``_dynamic_scale(lin, norm, b) * lin`` without autograd, reusing one buffer (same bits)."""
+    if b == 2:
+        return lin.abs().div_(norm).mul_(lin)
+    return (lin / norm).abs_().add_(1e-6).pow_(b - 1).mul_(lin)
+
+
 class BcosConv2d(DetachableModule):
     """B-cos 2D convolution: unit-norm filters, output scaled by ``|cos|^(B-1)``, optional MaxOut.
 
@@ -121,17 +128,19 @@ class BcosConv2d(DetachableModule):
             # avg_pool2d with a 1x1/s1 window is an exact copy: skip it (same bits, less work).
             # (Strided 1x1: squaring only the sampled pixels would change the reduction's
             # summation order and hence the last bits, so that case takes the general path.)
-            return ((x**2).sum(1, keepdim=True) + 1e-6).sqrt_()
+            return (x**2).sum(1, keepdim=True).add_(1e-6).sqrt_()
         sq = x**2
         if self.groups == 1:
             sq = sq.sum(1, keepdim=True)
         else:
             sq = sq.unflatten(1, (self.groups, self.in_channels // self.groups)).sum(2)
+        # in place after the pooling: same values, fewer temporaries (no backward needs them)
         norms = (
             F.avg_pool2d(sq, self.kernel_size, stride=self.stride, padding=self.padding)
-            * self.patch_size
-            + 1e-6
-        ).sqrt_()
+            .mul_(self.patch_size)
+            .add_(1e-6)
+            .sqrt_()
+        )
         if self.groups > 1:
             norms = norms.repeat_interleave(self.out_channels // self.groups, dim=1)
         return norms
@@ -142,6 +151,8 @@ class BcosConv2d(DetachableModule):
             lin = lin.unflatten(1, (self.out_channels, self.max_out)).max(dim=2).values
         if self.b == 1:
             return lin
+        if not torch.is_grad_enabled():  # inference: the same ops, computed in place
+            return _inplace_scaled(lin, self.patch_norms(x), self.b)
         if self.explaining:  # the norm is detached anyway: do not record its graph
             with torch.no_grad():
                 norm = self.patch_norms(x)
@@ -192,6 +203,8 @@ class BcosLinear(DetachableModule):
         if self.b == 1:
             return lin
         norm = LA.vector_norm(x, dim=-1, keepdim=True) + 1e-12
+        if not torch.is_grad_enabled():
+            return _inplace_scaled(lin, norm, self.b)
         return _dynamic_scale(lin, norm, self.b, self.explaining) * lin
 
     def extra_repr(self) -> str:

@@ -62,6 +62,8 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
         else:
             var = self.running_var
         out = x / (var + self.eps).sqrt()[None, :, None, None]
+        if not torch.is_grad_enabled():  # inference: scale in place (same bits)
+            return out.mul_(self.weight[None, :, None, None])
         return self.weight[None, :, None, None] * out
 
     def _get_name(self) -> str:
