@@ -230,6 +230,7 @@ def compare_measures(
 
 
 def _run_class(
+    cls: int,
     model: ConceptModel,
     images: Tensor,
     labels: Tensor,
@@ -248,12 +249,17 @@ def _run_class(
         if contributions is None:
             raise ValueError("measure 'contribution' needs the `contributions` callable")
         contrib = contributions(codes, targets)
+    # A different random order (and scrambled design) per class, reproducible from the seed.
+    importance = config.comparison.importance
+    comparison = dataclasses.replace(
+        config.comparison, importance=dataclasses.replace(importance, seed=importance.seed + cls)
+    )
     return compare_measures(
         model.head,
         codes,
         targets,
         layout,
-        config.comparison,
+        comparison,
         labels=labels,
         contributions=contrib,
         protected=protected,
@@ -322,7 +328,7 @@ def paper_protocol(
             if device is not None:
                 images = images.to(device)
             y = torch.as_tensor([labels_list[i] for i in indices], device=images.device)
-            curves = _run_class(model, images, y, layout, config, contributions, protected)
+            curves = _run_class(cls, model, images, y, layout, config, contributions, protected)
             write_atomic(path, curves_to_json(curves))
         for c in curves:
             key = (c.measure, c.mode)
