@@ -151,10 +151,9 @@ def test_probability_and_accuracy_are_computed_from_the_logits() -> None:
     c = deletion_curve(
         head, codes, 0, imp, "BK", labels=torch.tensor([0, 1]), score="probability", measure="m"
     )
-    p0 = torch.softmax(torch.tensor([3.0, 1.0]), 0)[0].item()
-    np.testing.assert_allclose(
-        c.scores[0], [p0, 0.0 / 1 + torch.softmax(torch.tensor([0.0, 1.0]), 0)[0].item(), 0.5]
-    )
+    # Image 0 (logits 3, 1): then concept 0 deleted (0, 1), then both (0, 0): p(class 0).
+    p_full, p_one = 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(1.0))
+    np.testing.assert_allclose(c.scores[0], [p_full, p_one, 0.5])
     np.testing.assert_array_equal(c.correct, [[True, False, True], [False, False, False]])
     np.testing.assert_allclose(c.accuracy, [0.5, 0.0, 0.5])
     assert c.auc_accuracy == pytest.approx(0.25 * 0.5 + 0.25 * 0.5)
