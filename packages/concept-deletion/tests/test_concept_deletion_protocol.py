@@ -8,6 +8,8 @@ from torch import Tensor
 
 from concept_deletion import (
     ComparisonConfig,
+    ConceptHead,
+    ConceptModel,
     ImportanceConfig,
     ProtocolConfig,
     always_on_concepts,
@@ -74,6 +76,7 @@ def test_select_images_is_reproducible_and_balanced() -> None:
 
 def test_paper_protocol_runs_resumes_and_writes_results(tmp_path) -> None:
     data, model = _dataset(), CodeModel()
+    assert isinstance(model, ConceptModel) and isinstance(model.linear, ConceptHead)
     contrib = model.linear.contributions
     curves = paper_protocol(
         data, model, "BKHW", tmp_path, _config(), contributions=contrib, progress=False
