@@ -12,6 +12,7 @@ from c2score.consistency import (
     weighted_consistency,
 )
 from c2score.evaluate import EvalConfig, evaluate_c2
+from c2score.features import make_extractor
 from c2score.features.base import PixelFeatureExtractor
 from c2score.features.oracle import IndexedFeatureExtractor, OracleFeatures
 from c2score.io import (
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "evaluate_c2",
     "load_activation_table",
+    "make_extractor",
     "n_to_select",
     "pairwise_consistency_dense",
     "random_attribution",
