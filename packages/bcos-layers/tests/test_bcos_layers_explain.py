@@ -30,6 +30,19 @@ def models() -> dict[str, nn.Module]:
     }
 
 
+# module holding the pre-bias logits, and the per-sample value of classes k ([B] indices)
+def _pick_pooled(f: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return f.flatten(2).mean(2).gather(1, k[:, None])[:, 0]
+
+
+PRE_BIAS = {
+    "tiny_resnet": ("avgpool", _pick_pooled),
+    "tiny_resnet_bottleneck": ("avgpool", _pick_pooled),
+    "tiny_densenet": ("classifier", _pick_pooled),
+    "tiny_vitc": ("0", lambda f, k: f.gather(1, k[:, None])[:, 0]),
+}
+
+
 def _x(n: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 6, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -63,6 +76,14 @@ def test_logit_completeness_and_values(name: str, models: dict[str, nn.Module]) 
         assert ex.pos_emb.abs().min() > 1e-3  # the fixed embedding carries a real share
     else:
         assert torch.equal(ex.pos_emb, torch.zeros(4))
+    # the same at full precision on the pre-bias logit (the biased one has coarse float32 steps)
+    layer, pick = PRE_BIAS[name]
+    pre = explain(model, x, layer=layer, fn=lambda f: pick(f, ex.target))
+    torch.testing.assert_close(
+        pre.weights, ex.weights, rtol=1e-4, atol=1e-6 * float(ex.weights.abs().max())
+    )
+    total = pre.contributions.flatten(1).sum(1) + pre.pos_emb
+    assert (total - pre.value).abs().max() <= 1e-5 * pre.value.abs().max()
 
 
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_densenet"])
