@@ -17,12 +17,11 @@ are converted, 16-bit and 32-bit images are rescaled from their full range to [0
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -48,6 +47,9 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
+
+ImageLike = Image.Image | torch.Tensor | np.ndarray
+"""What an image source may yield: a PIL image or a (C, H, W) tensor / array."""
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -378,16 +380,3 @@ class ImageFolder(Sequence[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
             yield self[i]
-
-
-def describe(obj: Any) -> str:
-    """A short JSON-friendly description of an input (for the report)."""
-    if isinstance(obj, ImageFolder):
-        return json.dumps({"folder": str(obj.root), "n_files": len(obj)})
-    if isinstance(obj, (str, Path)):
-        return str(obj)
-    return type(obj).__name__
-
-
-ImageLike = Image.Image | torch.Tensor | np.ndarray
-ImageSourceCallable = Callable[[int], ImageLike]
