@@ -194,6 +194,11 @@ def test_lowres_cache_is_reused(tmp_path: Path) -> None:
     b = evaluate_c2(images, acts, maps, second, cfg, lowres_cache=tmp_path)
     assert first.lowres_calls == N and second.lowres_calls == 0
     _assert_same(a, b)
+    with pytest.raises(ValueError, match="belongs to"):
+        evaluate_c2(images, acts, maps, TwoStage(dim=D + 1), cfg, lowres_cache=tmp_path)
+    cropped = [im[:, :8, :8] for im in images]
+    with pytest.raises(ValueError, match="preprocessing"):
+        evaluate_c2(cropped, acts, maps, TwoStage(), cfg, lowres_cache=tmp_path)
     c = evaluate_c2(images, acts, maps, TwoStage(), cfg)  # no cache: plain __call__
     assert not math.isclose(a.c2, c.c2, abs_tol=1e-6)  # __call__ is full-res, lowres is not
 

@@ -46,6 +46,7 @@ from c2score.io import (
     ImageLoadError,
     StoredAttributions,
     atomic_save_safetensors,
+    atomic_write_text,
     load_activation_table,
     resize_maps,
     to_rgb_tensor,
@@ -240,16 +241,48 @@ def _features(
     if lowres_cache is None or lowres_fn is None or upsample_fn is None:
         return extractor(batch_B3HW)
     paths = [lowres_cache / f"{i:09d}.safetensors" for i in indices]
-    lows: list[torch.Tensor | None] = [
-        load_file(str(p))["lowres"].to(batch_B3HW.device) if p.exists() else None for p in paths
-    ]
+    size = torch.tensor(batch_B3HW.shape[-2:])
+    lows: list[torch.Tensor | None] = []
+    for p in paths:
+        if not p.exists():
+            lows.append(None)
+            continue
+        stored = load_file(str(p))
+        if not torch.equal(stored["image_size"], size):
+            raise ValueError(
+                f"{p} was cached for a {stored['image_size'].tolist()} image, this one is "
+                f"{size.tolist()}: use one low-res cache directory per preprocessing"
+            )
+        lows.append(stored["lowres"].to(batch_B3HW.device))
     todo = [b for b, low in enumerate(lows) if low is None]
     if todo:
         fresh = lowres_fn(batch_B3HW[todo])
         for b, low in zip(todo, fresh):
             lows[b] = low
-            atomic_save_safetensors({"lowres": low.detach().cpu()}, paths[b])
+            atomic_save_safetensors({"lowres": low.detach().cpu(), "image_size": size}, paths[b])
     return upsample_fn(torch.stack(lows), batch_B3HW)  # type: ignore[arg-type]
+
+
+def _check_cache_owner(cache: Path, extractor: object) -> None:
+    """Refuse a low-res cache directory written by another kind of extractor."""
+    backbone = getattr(extractor, "backbone", extractor)
+    config = getattr(getattr(backbone, "model", None), "config", None)
+    owner = {
+        "extractor": f"{type(extractor).__module__}.{type(extractor).__qualname__}",
+        "backbone": type(backbone).__qualname__,
+        "model": str(getattr(config, "_name_or_path", "")),
+        "dim": int(extractor.dim),  # type: ignore[attr-defined]
+    }
+    path = cache / "owner.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != owner:
+            raise ValueError(
+                f"low-res cache {cache} belongs to {found}, not to {owner}: use one cache "
+                "directory per backbone"
+            )
+    else:
+        atomic_write_text(path, json.dumps(owner))
 
 
 def _embed(maps_KHW: torch.Tensor, feats_DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,6 +332,8 @@ def evaluate_c2(
     for d in (wdir, cache):
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
+    if cache is not None:
+        _check_cache_owner(cache, extractor)
     fingerprint = _fingerprint(selection, dim, config)
     state = _Pass.resume(wdir, dim, fingerprint) if wdir is not None else _Pass(dim, fingerprint)
 
