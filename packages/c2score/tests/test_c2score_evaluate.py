@@ -1,18 +1,22 @@
 """Streaming evaluation == a direct dense computation of Eq. 13-16; resume; batching; cache."""
 
 import itertools
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from c2score import (
+    ActivationTable,
     EvalConfig,
     RandomBaselineConfig,
     SelectionConfig,
     evaluate_c2,
     random_attribution,
+    save_activation_table,
 )
 
 N, C, D, H, W = 36, 6, 8, 12, 10
@@ -265,3 +269,29 @@ def test_with_a_tiny_dinov2_and_bilinear_upsampling(tmp_path: Path) -> None:
     assert res.feature_dim == 16 and len(res.concept_ids) == 3
     assert all(-1 <= c <= 1 for c in res.consistency) and math.isfinite(res.c2)
     assert len(list(tmp_path.glob("*.safetensors"))) == 12
+
+
+def test_sparse_table_file_and_stored_maps_and_an_empty_result(tmp_path: Path) -> None:
+    images, acts, maps = _data(7)
+    acts = acts.clamp_min(0)
+    nz = acts.nonzero()
+    sparse = ActivationTable.from_sparse(nz[:, 0], nz[:, 1], acts[nz[:, 0], nz[:, 1]], (N, C))
+    save_activation_table(sparse, tmp_path / "acts.safetensors")
+    ii, cc = torch.meshgrid(torch.arange(N), torch.arange(C), indexing="ij")
+    save_file(
+        {"image_index": ii.flatten(), "concept_index": cc.flatten(), "maps": maps.flatten(0, 1)},
+        str(tmp_path / "maps.safetensors"),
+    )
+    cfg = EvalConfig(progress=False)
+    from_files = evaluate_c2(
+        images, tmp_path / "acts.safetensors", tmp_path / "maps.safetensors", TinyExtractor(), cfg
+    )
+    _assert_same(from_files, evaluate_c2(images, acts, maps, TinyExtractor(), cfg))
+
+    empty = evaluate_c2(images, torch.zeros(N, 2), maps[:, :2], TinyExtractor(), cfg)
+    assert math.isnan(empty.c2) and empty.concept_ids == []
+    assert empty.skipped_concepts["no_active_images"] == [0, 1]
+    empty.save_json(tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["c2"] is None and report["baseline"]["mean"] is not None
+    assert "C2-score" in empty.summary()
