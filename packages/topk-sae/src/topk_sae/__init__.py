@@ -1,4 +1,8 @@
-"""Bias-free TopK sparse autoencoders and a streaming, resumable trainer."""
+"""Bias-free TopK sparse autoencoders and a streaming, resumable trainer.
+
+``topk_sae.sweep.sweep`` is not re-exported here: a package attribute named ``sweep`` would
+shadow the ``topk_sae.sweep`` module.
+"""
 
 from topk_sae.config import TrainConfig
 from topk_sae.data import DEFAULT_BATCH_SIZE, BatchSource, TensorSource
@@ -13,7 +17,7 @@ from topk_sae.metrics import (
 from topk_sae.sae import BiasFreeTopKSAE, SAEOutput, SparseCode
 from topk_sae.stability import StabilityResult, stability_score
 from topk_sae.store import FeatureStoreWriter, ShardedFeatureStore, StoreSource
-from topk_sae.sweep import RunResult, SweepResult, pareto_front, select_best, sweep
+from topk_sae.sweep import RunResult, SweepResult, pareto_front, select_best
 from topk_sae.trainer import TrainingDivergedError, TrainResult, train
 
 __version__ = "0.1.0"
@@ -45,6 +49,5 @@ __all__ = [
     "select_best",
     "sparse_decode",
     "stability_score",
-    "sweep",
     "train",
 ]
