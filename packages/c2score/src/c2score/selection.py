@@ -95,17 +95,38 @@ class Selection(NamedTuple):
 def _select_column_block(
     acts_NC: torch.Tensor, config: SelectionConfig
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Top images per column of a dense block: (image ids, weights) per column, finite mask."""
+    """Top images per column of a dense block: (image ids, weights) per column, finite mask.
+
+    A partial ``topk`` finds each column's k-th largest value; only the candidates at or above
+    it (k plus ties) are then ordered by (value descending, image ascending): no full sort.
+    """
+    c = acts_NC.shape[1]
     finite_C = torch.isfinite(acts_NC).all(dim=0)
     acts = torch.where(torch.isfinite(acts_NC), acts_NC, torch.zeros((), dtype=acts_NC.dtype))
     n_active_C = (acts > 0).sum(dim=0)
-    # stable descending sort: equal values keep ascending image order.
-    values_NC, order_NC = torch.sort(acts, dim=0, descending=True, stable=True)
+    k_C = torch.tensor(
+        [n_to_select(int(a), config) if f else 0 for a, f in zip(n_active_C, finite_C)],
+        dtype=torch.int64,
+    )
+    k_max = int(k_C.max()) if c else 0
+    if k_max == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return [empty] * c, [empty.double()] * c, finite_C
+    top_kC = torch.topk(acts, k_max, dim=0).values  # sorted, descending
+    thr_C = top_kC[(k_C - 1).clamp(min=0), torch.arange(c)]
+    mask = (acts >= thr_C) & (acts > 0) & (k_C > 0)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows ascending within a column
+    vals = acts[rows, cols]
+    order = torch.argsort(vals, descending=True, stable=True)
+    order = order[torch.argsort(cols[order], stable=True)]
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    start_C = torch.searchsorted(cols, torch.arange(c + 1))
     images, weights = [], []
-    for c in range(acts.shape[1]):
-        k = n_to_select(int(n_active_C[c]), config) if finite_C[c] else 0
-        images.append(order_NC[:k, c])
-        weights.append(values_NC[:k, c].to(torch.float64))
+    for j in range(c):
+        lo = int(start_C[j])
+        hi = lo + int(k_C[j])
+        images.append(rows[lo:hi])
+        weights.append(vals[lo:hi].to(torch.float64))
     return images, weights, finite_C
 
 
