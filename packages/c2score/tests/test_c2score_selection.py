@@ -126,3 +126,15 @@ def test_bad_config_and_tables_raise() -> None:
         ActivationTable.from_sparse(
             torch.tensor([2]), torch.tensor([0]), torch.tensor([1.0]), (2, 2)
         )
+
+
+def test_dense_selection_equals_a_naive_reference_under_heavy_ties() -> None:
+    g = torch.Generator().manual_seed(5)
+    acts = torch.randint(0, 4, (900, 12), generator=g).float() / 3  # values in {0, 1/3, 2/3, 1}
+    acts[:, 0] = torch.randint(0, 2, (900,), generator=g).float()  # ~450 active, all tied
+    sel = select_images(acts, block_concepts=5)
+    for s, c in enumerate(sel.concept_ids.tolist()):
+        col = acts[:, c].tolist()
+        active = sorted((i for i in range(900) if col[i] > 0), key=lambda i: (-col[i], i))
+        chosen = sel.pair_image[sel.pair_slot == s].tolist()
+        assert sorted(chosen) == sorted(active[: n_to_select(len(active))])
