@@ -164,14 +164,14 @@ def _normalize_hash(sha256: str, what: str) -> str:
     return value
 
 
-def _verify_hash(path: Path, expected_prefix: str) -> str:
+def _verify_hash(path: Path, expected_prefix: str, hint: str = "") -> str:
     """Check that ``path``'s SHA-256 starts with ``expected_prefix``; return the full digest."""
     digest = sha256_of_file(path)
     if not digest.startswith(expected_prefix):
         raise CheckpointHashError(
             f"SHA-256 mismatch for checkpoint file {path}: expected a digest starting with "
-            f"{expected_prefix!r}, got {digest!r}. The file is corrupt, truncated or not the "
-            "expected checkpoint; delete it and download it again."
+            f"{expected_prefix!r}, got {digest!r}. "
+            + (hint or "The file is corrupt, truncated or not the expected checkpoint.")
         )
     return digest
 
@@ -220,7 +220,12 @@ def download_official(
     ckpt = official_checkpoint(name)
     dst = checkpoint_dir(model_dir) / ckpt.filename
     if dst.exists() and not force:
-        _verify_hash(dst, ckpt.sha256_prefix)
+        _verify_hash(
+            dst,
+            ckpt.sha256_prefix,
+            "The cached file is corrupt or truncated: delete it (or pass force=True) to "
+            "download it again.",
+        )
         return dst
     _download(ckpt.url, dst, ckpt.sha256_prefix, progress)
     return dst
@@ -288,7 +293,14 @@ def load_state_dict_file(
                 "(expected '<stem>-<hex>.pth', e.g. 'resnet_50-ead259efe4.pth'). Pass "
                 "sha256=<hex digest or prefix>, or check_hash=False if you trust the file."
             )
-        digest = _verify_hash(path, expected)
+        hint = (
+            ""
+            if sha256 is not None
+            else f"The expected prefix is the '-{expected}' in the file name (release naming "
+            "'<stem>-<sha256[:10]>.pth'); the file is corrupt or truncated, or the name does not "
+            "carry a hash (then pass sha256=... or check_hash=False)."
+        )
+        digest = _verify_hash(path, expected, hint)
     return _load_tensor_dict(path), digest
 
 
