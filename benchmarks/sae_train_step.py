@@ -56,7 +56,9 @@ def median_seconds(
     return statistics.median(times)
 
 
-def ours(d: int, n: int, k: int, x: torch.Tensor, dead_fraction: float) -> Callable[[], object]:
+def ours(
+    d: int, n: int, k: int, x: torch.Tensor, dead_fraction: float, bf16: bool = False
+) -> Callable[[], object]:
     model = BiasFreeTopKSAE(d, n, k).to(x.device)
     opt = make_optimizer(model, lr=1e-4)
     dead = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -64,7 +66,15 @@ def ours(d: int, n: int, k: int, x: torch.Tensor, dead_fraction: float) -> Calla
 
     def step() -> object:
         return training_step(
-            model, opt, x, k=k, dead_n=dead, k_aux=256, auxk_coef=1 / 32, grad_clip_norm=1.0
+            model,
+            opt,
+            x,
+            k=k,
+            dead_n=dead,
+            k_aux=256,
+            auxk_coef=1 / 32,
+            grad_clip_norm=1.0,
+            bf16=bf16,
         )
 
     return step
@@ -153,10 +163,16 @@ def run(device: torch.device, args: argparse.Namespace) -> None:
     flops = 2.0 * b * d * n
     print(f"\n== {device} | d_in={d} n_latents={n} k={k} batch={b} float32 ==")
 
+    # The plain matmul and our encoder matmul are timed alternately (same load conditions).
     a, w = torch.randn(b, d, device=device), torch.randn(d, n, device=device)
-    t_mm = median_seconds(lambda: a @ w, device, args.warmup, args.repeats)
     model = BiasFreeTopKSAE(d, n, k).to(device)
-    t_enc = median_seconds(lambda: model.preactivations(x), device, args.warmup, args.repeats)
+    mm_times, enc_times = [], []
+    for _ in range(2 * args.repeats):
+        mm_times.append(median_seconds(lambda: a @ w, device, 1 if not mm_times else 0, 1))
+        enc_times.append(
+            median_seconds(lambda: model.preactivations(x), device, 1 if not enc_times else 0, 1)
+        )
+    t_mm, t_enc = statistics.median(mm_times), statistics.median(enc_times)
     print(
         f"plain matmul (BxD)@(DxN)        {t_mm * 1e3:9.1f} ms  {flops / t_mm / 1e9:7.1f} GFLOP/s"
     )
@@ -172,6 +188,8 @@ def run(device: torch.device, args: argparse.Namespace) -> None:
         ("dictionary-learning 0.1.0", lambda: dictionary_learning_step(d, n, k, x, 0.0)),
         ("overcomplete 0.3.0", lambda: overcomplete_step(d, n, k, x)),
     ]
+    if args.bf16:
+        candidates.append(("ours, bf16 encoder matmul", lambda: ours(d, n, k, x, 0.0, bf16=True)))
     if args.auxk:
         candidates += [
             ("topk-sae (ours), AuxK on", lambda: ours(d, n, k, x, 0.5)),
@@ -213,6 +231,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--auxk", action="store_true", help="also time steps with 50%% dead latents"
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="also time our step with the bf16 encoder matmul"
     )
     parser.add_argument("--cpu-only", action="store_true")
     args = parser.parse_args()
