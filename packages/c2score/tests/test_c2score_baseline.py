@@ -8,6 +8,7 @@ from c2score import (
     OracleFeatures,
     RandomBaselineConfig,
     evaluate_c2,
+    pairwise_consistency_dense,
     random_attribution,
 )
 
@@ -59,3 +60,36 @@ def test_config_validation() -> None:
         RandomBaselineConfig(seeds=())
     with pytest.raises(ValueError, match="weight"):
         RandomBaselineConfig(weight="sum")  # type: ignore[arg-type]
+
+
+def test_per_group_baseline_equals_a_direct_computation() -> None:
+    g = torch.Generator().manual_seed(2)
+    n, d, s = 60, 6, 8
+    labels = torch.arange(n) % 3 * 10  # groups 0, 10, 20
+    offsets = torch.randn(3, d, 1, 1, generator=g) * 3
+    feats = torch.randn(n, d, s, s, generator=g) + offsets[labels // 10]
+    images = [torch.rand(3, s, s, generator=g) for _ in range(n)]
+    oracle = OracleFeatures(feats, dim=d)
+    cfg = EvalConfig(progress=False)
+    acts, maps = torch.zeros(n, 1), torch.zeros(n, 1, s, s)
+    pooled = evaluate_c2(images, acts, maps, oracle, cfg)
+    grouped = evaluate_c2(images, acts, maps, oracle, cfg, baseline_groups=labels)
+    mu = feats.double().mean(dim=(0, 2, 3))
+    for seed in cfg.baseline.seeds:
+        per_group = []
+        for lab in (0, 10, 20):
+            embs, ws = [], []
+            for i in (labels == lab).nonzero().flatten().tolist():
+                a, w = random_attribution(seed, i, (s, s))
+                a = a.double()
+                if a.sum() == 0:  # an all-dropped map: no embedding (skipped by the metric too)
+                    continue
+                embs.append((a[None] * feats[i].double()).sum(dim=(1, 2)) / a.sum() - mu)
+                ws.append(w)
+            per_group.append(pairwise_consistency_dense(torch.stack(embs), torch.tensor(ws)))
+        assert grouped.baseline_per_seed[seed] == pytest.approx(sum(per_group) / 3, abs=1e-6)
+    # same-group images share an offset: within-group random concepts look consistent
+    assert grouped.baseline_mean > 0.5 > abs(pooled.baseline_mean)
+    assert len(grouped.baseline_per_group) == 3 and pooled.baseline_per_group is None
+    with pytest.raises(ValueError, match="one integer label per image"):
+        evaluate_c2(images, acts, maps, oracle, cfg, baseline_groups=labels[:-1])

@@ -73,6 +73,10 @@ def test_cli_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sum(report["distribution"]["counts"]) == 2
     assert main(argv) == 0  # a finished work dir: same report again
     assert json.loads(out.read_text())["c2"] == report["c2"]
+    save_file({"labels": torch.arange(N + 1) % 2}, str(tmp_path / "labels.safetensors"))
+    grouped = [*argv[:-4], "--baseline-groups", str(tmp_path / "labels.safetensors")]
+    assert main(grouped) == 0
+    assert len(json.loads(out.read_text())["baseline"]["per_group"]) == 2
 
 
 def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

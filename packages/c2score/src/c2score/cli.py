@@ -40,6 +40,13 @@ def _oracle(path: str) -> OracleFeatures:
     return OracleFeatures(feats, dim=int(feats.shape[1]))
 
 
+def _labels(path: str) -> torch.Tensor:
+    with safe_open(path, framework="pt") as f:
+        if "labels" not in set(f.keys()):
+            raise ValueError(f"{path} has no 'labels' tensor (one integer label per image)")
+        return f.get_tensor("labels")
+
+
 def _extractor(args: argparse.Namespace) -> object:
     if args.backbone.startswith("oracle:"):
         return _oracle(args.backbone.removeprefix("oracle:"))
@@ -82,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-images", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random baseline")
     p.add_argument("--baseline-weight", choices=["mass", "uniform"], default="mass")
+    p.add_argument(
+        "--baseline-groups",
+        default=None,
+        help="safetensors with 'labels' (N,) int: per-group (e.g. per-class) random baseline",
+    )
     p.add_argument("--histogram", default=None, help="PNG of the score distribution")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -107,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config,
             work_dir=args.work_dir,
             lowres_cache=args.lowres_cache,
+            baseline_groups=_labels(args.baseline_groups) if args.baseline_groups else None,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"c2score: error: {e}", file=sys.stderr)

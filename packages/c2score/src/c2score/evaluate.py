@@ -172,9 +172,9 @@ class _Pass:
         self.skipped_examples.setdefault(reason, f"image {index}: {detail}"[:300])
 
 
-def _fingerprint(selection: Selection, dim: int, config: EvalConfig) -> str:
+def _fingerprint(selection: Selection, dim: int, config: EvalConfig, group_N: torch.Tensor) -> str:
     h = hashlib.sha256()
-    for t in (selection.concept_ids, selection.pair_image, selection.pair_slot):
+    for t in (selection.concept_ids, selection.pair_image, selection.pair_slot, group_N):
         h.update(t.numpy().tobytes())
     h.update(selection.pair_weight.numpy().tobytes())
     h.update(json.dumps([dim, selection.n_images, asdict(config.baseline)]).encode())
@@ -301,6 +301,7 @@ def evaluate_c2(
     config: EvalConfig = EvalConfig(),
     work_dir: str | Path | None = None,
     lowres_cache: str | Path | None = None,
+    baseline_groups: torch.Tensor | Sequence[int] | None = None,
 ) -> C2Result:
     """C2-score of a concept method (paper Eq. 13-16) in one streaming pass over ``images``.
 
@@ -310,7 +311,10 @@ def evaluate_c2(
     gives maps A_c(x) per (image, concepts) (callable, (N, C, h, w) tensor or safetensors path);
     ``extractor`` gives per-pixel features. ``work_dir`` makes the pass resumable;
     ``lowres_cache`` stores the extractor's low-resolution features (if it has ``lowres`` and
-    ``upsample``) for later runs.
+    ``upsample``) for later runs. ``baseline_groups`` (one label per image, e.g. the class)
+    switches to the per-group baseline of the authors' class-specific protocol: one random
+    concept per group and seed, over that group's images (centred by the global mean), averaged
+    over the groups.
     """
     if not isinstance(activations, (ActivationTable, torch.Tensor)):
         activations = load_activation_table(activations)
@@ -325,6 +329,7 @@ def evaluate_c2(
             "of the table must belong to the i-th image"
         )
     selection = select_images(table, config.selection)
+    group_N, n_groups = _groups(baseline_groups, table.n_images)
     source = _as_attribution_source(attributions, selection)
     dim = int(extractor.dim)
     wdir = Path(work_dir) if work_dir is not None else None
@@ -334,11 +339,27 @@ def evaluate_c2(
             d.mkdir(parents=True, exist_ok=True)
     if cache is not None:
         _check_cache_owner(cache, extractor)
-    fingerprint = _fingerprint(selection, dim, config)
+    fingerprint = _fingerprint(selection, dim, config, group_N)
     state = _Pass.resume(wdir, dim, fingerprint) if wdir is not None else _Pass(dim, fingerprint)
 
-    _stream(images, table.n_images, selection, source, extractor, config, state, wdir, cache)
-    return _finalise(selection, state, wdir, dim, config)
+    _stream(
+        images, table.n_images, selection, source, extractor, config, state, wdir, cache, group_N
+    )
+    return _finalise(selection, state, wdir, dim, config, n_groups)
+
+
+def _groups(labels: torch.Tensor | Sequence[int] | None, n_images: int) -> tuple[torch.Tensor, int]:
+    """Dense group index per image (0 .. G-1) and G; one group when no labels are given."""
+    if labels is None:
+        return torch.zeros(n_images, dtype=torch.int64), 1
+    lab = torch.as_tensor(labels)
+    if lab.shape != (n_images,) or lab.is_floating_point():
+        raise ValueError(
+            f"baseline_groups must hold one integer label per image ({n_images}), got "
+            f"{tuple(lab.shape)} {lab.dtype}"
+        )
+    uniq, group_N = torch.unique(lab, return_inverse=True)
+    return group_N.long(), len(uniq)
 
 
 def _min_side(extractor: object) -> int:
@@ -360,6 +381,7 @@ def _stream(
     state: _Pass,
     wdir: Path | None,
     cache: Path | None,
+    group_N: torch.Tensor,
 ) -> None:
     device = torch.device(config.device)
     min_side = _min_side(extractor)
@@ -386,7 +408,8 @@ def _stream(
             snapshot = state.snapshot()
             try:
                 for b, i in enumerate(idx):
-                    _process_image(i, feats[b].float(), selection, source, n_slots, config, state)
+                    rand_slot = n_slots + int(group_N[i]) * len(config.baseline.seeds)
+                    _process_image(i, feats[b].float(), selection, source, rand_slot, config, state)
             except BaseException:
                 state.restore(snapshot)  # all of a batch or nothing: checkpoints stay exact
                 raise
@@ -475,7 +498,7 @@ def _process_image(
     feats_DHW: torch.Tensor,
     selection: Selection,
     source: AttributionSource,
-    n_slots: int,
+    rand_slot: int,
     config: EvalConfig,
     state: _Pass,
 ) -> None:
@@ -513,7 +536,7 @@ def _process_image(
     maps_R = torch.stack([a for a, _ in rand]).to(feats_DHW.device)
     emb_R, nonzero_R = _embed(maps_R, feats_DHW)
     keep_R = nonzero_R.cpu()
-    out_slot.append((n_slots + torch.arange(len(seeds)))[keep_R])
+    out_slot.append((rand_slot + torch.arange(len(seeds)))[keep_R])
     out_w.append(torch.tensor([w for _, w in rand], dtype=torch.float64)[keep_R])
     out_e.append(emb_R.cpu()[keep_R])
 
@@ -529,7 +552,12 @@ def _process_image(
 
 
 def _finalise(
-    selection: Selection, state: _Pass, wdir: Path | None, dim: int, config: EvalConfig
+    selection: Selection,
+    state: _Pass,
+    wdir: Path | None,
+    dim: int,
+    config: EvalConfig,
+    n_groups: int,
 ) -> C2Result:
     """Centre, normalise and fold the stored embeddings; Eq. 15 per concept and Eq. 16."""
     n_slots = len(selection.concept_ids)
@@ -537,7 +565,7 @@ def _finalise(
     if state.n_feat == 0:
         raise ValueError("no image could be used (see the skipped-image reasons): nothing to score")
     mu_D = state.feat_sum_D / state.n_feat
-    acc = ConsistencyAccumulator(n_slots + len(seeds), dim)
+    acc = ConsistencyAccumulator(n_slots + n_groups * len(seeds), dim)
     pair_skips = Counter(state.pair_skips)
     for shard in state.shards(wdir):
         used = acc.add_embeddings(shard["slot"], shard["emb"], shard["weight"], centre_D=mu_D)
@@ -549,7 +577,10 @@ def _finalise(
     skipped = {k: v.tolist() for k, v in selection.skipped.items()}
     skipped["too_few_valid_images"] = selection.concept_ids[~scored].tolist()
     concept_cons = cons[:n_slots][scored]
-    base = cons[n_slots:]
+    # (G, S) random-concept consistencies; groups with < 2 embeddings have none (NaN)
+    base_GS = cons[n_slots:].view(n_groups, len(seeds))
+    valid_G = torch.isfinite(base_GS).all(dim=1)
+    base = base_GS[valid_G].mean(dim=0) if bool(valid_G.any()) else base_GS[0]
     mean_c = float(concept_cons.mean()) if len(concept_cons) else float("nan")
     base_mean = float(base.mean())
     base_std = float(base.std()) if len(base) > 1 else 0.0
@@ -569,9 +600,10 @@ def _finalise(
         n_images_used=state.n_feat,
         n_concepts=selection.n_concepts,
         feature_dim=dim,
+        baseline_per_group=base_GS.mean(dim=1).tolist() if n_groups > 1 else None,
         config={
             "selection": asdict(config.selection),
-            "baseline": {**asdict(config.baseline), "seeds": list(seeds)},
+            "baseline": {**asdict(config.baseline), "seeds": list(seeds), "groups": n_groups},
             "centring": "mean of per-image spatial means of the features over the images used",
             "skipped_image_examples": state.skipped_examples,
             "numpy": np.__version__,

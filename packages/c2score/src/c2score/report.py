@@ -48,6 +48,8 @@ class C2Result:
     n_images_used: int
     n_concepts: int
     feature_dim: int
+    baseline_per_group: list[float] | None = None
+    """Per-group baseline (mean over seeds) when groups were given; NaN for groups < 2 images."""
     config: dict[str, Any] = field(default_factory=dict)
 
     def histogram(self, bins: int = 20) -> tuple[list[float], list[int]]:
@@ -66,6 +68,9 @@ class C2Result:
                 "mean": _finite_or_none(self.baseline_mean),
                 "std": _finite_or_none(self.baseline_std),
                 "per_seed": {str(k): _finite_or_none(v) for k, v in self.baseline_per_seed.items()},
+                "per_group": None
+                if self.baseline_per_group is None
+                else [_finite_or_none(v) for v in self.baseline_per_group],
             },
             "counts": {
                 "images": self.n_images,
