@@ -9,22 +9,29 @@ dropped, reshaped to a (B, D, h, w) grid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+
+if TYPE_CHECKING:
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from c2score.features.base import check_rgb_images, imagenet_normalize
 
 DEFAULT_DINOV2 = "facebook/dinov2-small"
 """The backbone of the paper's C2-score (ViT-S/14, D = 384)."""
 
-_MODEL_CLASSES: dict[str, type[Dinov2Model] | type[Dinov2WithRegistersModel]] = {
-    "dinov2": Dinov2Model,
-    "dinov2_with_registers": Dinov2WithRegistersModel,
-}
+_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def _model_classes() -> dict[str, type[Dinov2Model] | type[Dinov2WithRegistersModel]]:
+    """``model_type`` -> transformers class. Imported lazily: ``import transformers`` costs
+    seconds and hundreds of MB, and most of c2score (the metric itself) never needs it."""
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    return {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
 
 
 def _hub_kwargs(
@@ -62,7 +69,7 @@ class Dinov2PatchFeatures(nn.Module):
 
     def __init__(self, model: Dinov2Model | Dinov2WithRegistersModel) -> None:
         super().__init__()
-        if not isinstance(model, (Dinov2Model, Dinov2WithRegistersModel)):
+        if not isinstance(model, tuple(_model_classes().values())):
             raise TypeError(
                 "expected a transformers Dinov2Model or Dinov2WithRegistersModel, got "
                 f"{type(model).__name__}"
@@ -90,12 +97,14 @@ class Dinov2PatchFeatures(nn.Module):
         kwargs = _hub_kwargs(
             revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
+        from transformers import AutoConfig
+
         config = AutoConfig.from_pretrained(str(model_id_or_path), **kwargs)
-        model_cls = _MODEL_CLASSES.get(config.model_type)
+        model_cls = _model_classes().get(config.model_type)
         if model_cls is None:
             raise ValueError(
                 f"{str(model_id_or_path)!r} is a {config.model_type!r} model; expected a DINOv2 "
-                f"checkpoint (model_type one of {sorted(_MODEL_CLASSES)}), e.g. {DEFAULT_DINOV2!r}"
+                f"checkpoint (model_type one of {sorted(_MODEL_TYPES)}), e.g. {DEFAULT_DINOV2!r}"
             )
         model = model_cls.from_pretrained(str(model_id_or_path), config=config, **kwargs)
         return cls(model)
@@ -113,7 +122,7 @@ class Dinov2PatchFeatures(nn.Module):
     @property
     def num_register_tokens(self) -> int:
         """Register tokens between CLS and the patches (0 without registers, 4 in releases)."""
-        if isinstance(self.model, Dinov2WithRegistersModel):
+        if self.model.config.model_type == "dinov2_with_registers":
             return int(self.model.config.num_register_tokens)
         return 0
 
