@@ -6,8 +6,9 @@ Run from the repository root (bcos and torchvision come with the bcos-layers tes
 
 Options: ``--repeats N`` (timed runs per case, default 5 on CPU / 20 on GPU), ``--warmup N``,
 ``--batch 8``, ``--size 224``, ``--models resnet50 densenet121``, ``--device cpu|cuda|all``,
-``--threads N`` (CPU threads), ``--profile`` (top ops of ours and bcos per case),
-``--json FILE``.
+``--threads N`` (CPU threads; use ``--threads 1`` on a machine shared with other jobs, where
+OpenMP threads waiting on each other make 2-thread timings swing by 3x), ``--profile`` (top
+ops of ours and bcos per case), ``--json FILE``.
 
 Every case builds our model with random weights and loads the same state dict strictly into
 the official ``bcos`` model (after checking that both give the same logits); torchvision's
