@@ -31,11 +31,11 @@ def _conv_reference(
 ) -> torch.Tensor:
     """Dense B-cos conv via unfold: per patch ``|cos|^(B-1) ŵᵀx`` with ``cos = ŵᵀx / ||x||``."""
     w = layer.linear.weight.double()
-    k, s, p = layer.kernel_size, layer.stride, layer.padding
+    k, s, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
     n, c, h, wd = x.shape
-    cols = F.unfold(x.double(), k, padding=p, stride=s)  # [N, C*kh*kw, L]
-    oh = (h + 2 * p[0] - k[0]) // s[0] + 1
-    ow = (wd + 2 * p[1] - k[1]) // s[1] + 1
+    cols = F.unfold(x.double(), k, dilation=d, padding=p, stride=s)  # [N, C*kh*kw, L]
+    oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    ow = (wd + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     cg = c // groups
     og = w.shape[0] // groups
     outs = []
@@ -56,13 +56,14 @@ def _conv_reference(
 
 
 @pytest.mark.parametrize(
-    ("k", "s", "p", "b", "max_out", "groups"),
-    [(3, 1, 1, 2, 1, 1), (7, 2, 3, 2, 1, 1), (1, 2, 0, 2, 1, 1), (1, 1, 0, 2, 1, 1),
-     (3, 2, 1, 2.5, 2, 1), (3, 1, 1, 2, 1, 2)],
+    ("k", "s", "p", "b", "max_out", "groups", "dil"),
+    [(3, 1, 1, 2, 1, 1, 1), (7, 2, 3, 2, 1, 1, 1), (1, 2, 0, 2, 1, 1, 1), (1, 1, 0, 2, 1, 1, 1),
+     (3, 2, 1, 2.5, 2, 1, 1), (3, 1, 1, 2, 1, 2, 1), (3, 1, 2, 2, 1, 1, 2),
+     (3, 2, 2, 2, 2, 2, 2), (3, 1, 1, 2, 2, 2, 1)],
 )  # fmt: skip
-def test_bcos_conv_matches_dense_reference(k, s, p, b, max_out, groups) -> None:
+def test_bcos_conv_matches_dense_reference(k, s, p, b, max_out, groups, dil) -> None:
     torch.manual_seed(0)
-    layer = BcosConv2d(4, 6, k, s, p, groups=groups, b=b, max_out=max_out)
+    layer = BcosConv2d(4, 6, k, s, p, dilation=dil, groups=groups, b=b, max_out=max_out)
     x = torch.randn(2, 4, 9, 10, generator=_gen())
     ref = _conv_reference(layer, x, b, max_out, groups)
     out = layer(x)

@@ -121,10 +121,13 @@ class BcosConv2d(DetachableModule):
 
     def patch_norms(self, x: Tensor) -> Tensor:
         """L2 norm of every input patch the filters see, ``sqrt(Σ x² + 1e-6)``: ``[N, 1|O, H', W']``."""
-        if self.dilation != (1, 1):
-            ones = torch.ones_like(self.linear.weight)
+        if self.dilation != (1, 1):  # windowed sums of squares per group via a ones kernel
+            ones = x.new_ones(self.groups, self.in_channels // self.groups, *self.kernel_size)
             sq = F.conv2d(x * x, ones, None, self.stride, self.padding, self.dilation, self.groups)
-            return (sq + 1e-6).sqrt_()
+            norms = sq.add_(1e-6).sqrt_()
+            if self.groups > 1:
+                norms = norms.repeat_interleave(self.out_channels // self.groups, dim=1)
+            return norms
         if self._pointwise and self.groups == 1:
             # avg_pool2d with a 1x1/s1 window is an exact copy: skip it (same bits, less work).
             # (Strided 1x1: squaring only the sampled pixels would change the reduction's
