@@ -183,12 +183,12 @@ def create(
     Args:
         name: one of :func:`list_models`.
         pretrained: ``False`` (random init), ``True`` (official B-cos-v2 checkpoint of ``name``,
-            downloaded and hash-checked by :mod:`bcos_layers.pretrained`), or a path to a local
-            checkpoint: a directory from :func:`bcos_layers.pretrained.convert_to_safetensors`
-            (its ``config.json`` must name ``name``), a ``.safetensors`` file, or a
-            ``torch.save``'d plain state dict loaded with
-            ``weights_only=True`` (for official names its file name must carry the SHA-256
-            prefix, see :func:`bcos_layers.pretrained.load_official_state_dict`).
+            downloaded and hash-checked by :mod:`bcos_layers.pretrained`), or a local path. For
+            official names the path goes through
+            :func:`bcos_layers.pretrained.load_official_state_dict` (``.pth`` with the SHA-256
+            prefix in its name, or a converted safetensors checkpoint of the same architecture).
+            For other names: a converted directory, a plain ``.safetensors`` file, or a
+            ``torch.save``'d state dict (loaded with ``weights_only=True``).
         **kwargs: constructor overrides (e.g. ``num_classes``); with ``pretrained`` the strict
             load reports any resulting mismatch with the checkpoint.
 
@@ -215,12 +215,12 @@ def create(
             resize = official.OFFICIAL_CHECKPOINTS[name].resize_size
         else:
             path = Path(pretrained).expanduser()
-            if path.is_dir():  # written by bcos_layers.pretrained.convert_to_safetensors
+            if name in official.OFFICIAL_CHECKPOINTS:  # hash / architecture checked there
+                state = official.load_official_state_dict(name, file=path)
+            elif path.is_dir():  # written by bcos_layers.pretrained.convert_to_safetensors
                 state = official.load_safetensors_checkpoint(path, arch=name).state_dict
             elif path.suffix == ".safetensors":
                 state = _read_safetensors(path)
-            elif name in official.OFFICIAL_CHECKPOINTS:  # hash-checked like the release files
-                state = official.load_official_state_dict(name, file=path)
             else:  # our own models: a safe weights_only load, no hash convention
                 state, _ = official.load_state_dict_file(path, check_hash=False)
             source = str(path)
