@@ -16,7 +16,8 @@ The official weights are plain ``torch.save``'d state dicts named ``<stem>-<sha2
 The strict key check against a model is done by ``bcos_layers.models.create(...,
 pretrained=...)``, which calls :func:`load_official_state_dict`.
 
-Command line: ``python -m bcos_layers.pretrained {list,download,convert} ...``.
+Command line: ``bcos-checkpoints {list,download,convert} ...`` (also
+``python -m bcos_layers.pretrained ...``).
 """
 
 from __future__ import annotations
@@ -510,9 +511,9 @@ def load_safetensors_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bcos_layers.pretrained {list,download,convert}``."""
+    """``bcos-checkpoints {list,download,convert}`` (console script of bcos-layers)."""
     parser = argparse.ArgumentParser(
-        prog="python -m bcos_layers.pretrained",
+        prog="bcos-checkpoints",
         description="Official B-cos-v2 ImageNet checkpoints: list, download, convert.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
