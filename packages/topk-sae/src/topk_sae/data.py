@@ -28,8 +28,9 @@ class BatchSource(Protocol):
     * ``d_in``: feature dimension; ``num_rows``: rows in one epoch.
     * ``set_epoch(e)`` fixes the order of epoch ``e`` (deterministic given the source's seed)
       and rewinds to its first batch.
-    * ``__iter__`` yields the remaining batches of the current epoch as float32 CPU tensors
-      ``(n, d_in)`` with ``n <= batch_size`` (only the last batch may be short) and then stops.
+    * ``__iter__`` yields the remaining batches of the current epoch as float32 tensors
+      ``(n, d_in)`` with ``n <= batch_size`` (only the last batch may be short) and then stops;
+      the trainer moves them to its device (a source may already yield them there).
     * ``__len__`` is the number of batches in one full epoch.
     * ``state_dict()`` returns a JSON-serialisable dict with the epoch and the number of batches
       already yielded in it; ``load_state_dict(state)`` restores it so that the next ``__iter__``
@@ -115,7 +116,7 @@ class TensorSource:
                 else self.features_ND[order[start:stop]]
             )
             self._position += 1
-            yield rows.to(dtype=torch.float32, device="cpu")
+            yield rows.to(dtype=torch.float32)  # stays on the tensor's device
 
     def state_dict(self) -> dict[str, Any]:
         return {
