@@ -195,7 +195,7 @@ def test_firing_histogram_matches_numpy() -> None:
 
 
 def test_plot_firing_histogram(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    # matplotlib (the `plot` extra) is in the test group, so this runs in CI: no skip.
     m = evaluate(BiasFreeTopKSAE(4, N_LAT, 2), torch.randn(64, 4))
     out = plot_firing_histogram(m, tmp_path / "plots" / "hist.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
