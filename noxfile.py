@@ -6,8 +6,9 @@
 * ``integration``: every member installed together; runs ``tests/integration``.
 * ``lint``: ruff.
 * ``wheels``: builds every member with ``--no-sources`` (the release build) and installs each
-  wheel alone, by file path, into a fresh environment, then imports it and runs its entry
-  points. Never resolves our own distributions by name: PyPI has an unrelated ``c2score``.
+  wheel alone, by file path, into a fresh environment, then imports it, runs its entry points,
+  and runs the member's tests against the installed wheel. Never resolves our own
+  distributions by name: PyPI has an unrelated ``c2score``.
 """
 
 from __future__ import annotations
@@ -152,3 +153,19 @@ def wheels(session: nox.Session) -> None:
             session.run(
                 str(venv / "bin" / script), "--help", external=True, env=TEST_ENV, silent=True
             )
+        # Then the member's own tests against the INSTALLED wheel (src/ is not on the path),
+        # with the test group's locked versions added.
+        reqs = venv / "test-requirements.txt"
+        session.run(
+            "uv", "export", "--frozen", "--no-hashes", "--quiet", f"--package={name}",
+            "--only-group=test", "--no-emit-workspace", f"--output-file={reqs}",
+            external=True,
+        )  # fmt: skip
+        session.run(
+            "uv", "pip", "install", "--quiet", f"--python={python}", "-r", str(reqs),
+            external=True,
+        )  # fmt: skip
+        session.run(
+            python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={info['dir']}",
+            str(info["dir"] / "tests"), external=True, env=TEST_ENV,
+        )  # fmt: skip
