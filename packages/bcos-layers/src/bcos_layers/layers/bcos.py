@@ -157,9 +157,11 @@ class BcosConv2d(DetachableModule):
             return lin
         if not torch.is_grad_enabled():  # inference: the same ops, computed in place
             return _inplace_scaled(lin, self.patch_norms(x), self.b)
-        # (In explanation mode the norm is detached; computing it without autograd would save
-        # graph nodes but measured no faster end to end, so the official op sequence is kept.)
-        return _dynamic_scale(lin, self.patch_norms(x), self.b, self.explaining) * lin
+        if self.explaining:  # the norm is detached anyway: no autograd graph for it
+            with torch.no_grad():
+                norm = self.patch_norms(x)
+            return _dynamic_scale(lin, norm, self.b, True) * lin
+        return _dynamic_scale(lin, self.patch_norms(x), self.b, False) * lin
 
     def extra_repr(self) -> str:
         return f"B={self.b}" + (f", max_out={self.max_out}" if self.max_out > 1 else "")
