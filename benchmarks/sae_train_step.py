@@ -7,13 +7,12 @@ encoder matmul alone (its share of that rate), and a dense-autograd version of o
 SAE (to show where the speed-up comes from).
 
 The peers pull in nnsight/transformers/wandb and need matplotlib<3.9 (overcomplete 0.3.0 calls
-plt.cm.get_cmap), which would pin matplotlib for the whole workspace lock; they are therefore
-installed in a throwaway virtual environment, never in the workspace::
+plt.cm.get_cmap). They are topk-sae's optional ``bench`` dependency group, which the workspace
+declares as conflicting with the ``test`` group, so uv resolves it in a fork of its own and it
+never constrains the packages or their tests. Run it in an environment of its own::
 
-    uv venv /tmp/benchvenv --python 3.11
-    uv pip install --python /tmp/benchvenv/bin/python torch==2.15.0 \
-        dictionary-learning==0.1.0 overcomplete==0.3.0 "matplotlib<3.9" -e packages/topk-sae
-    /tmp/benchvenv/bin/python benchmarks/sae_train_step.py
+    UV_PROJECT_ENVIRONMENT=.venv-bench uv run --package topk-sae --group bench \
+        python benchmarks/sae_train_step.py
 
 Without the peers installed (``uv run python benchmarks/sae_train_step.py``) only our step,
 the dense reference and the matmul rate are timed. Every figure is the median of ``--repeats``
