@@ -178,10 +178,16 @@ def main() -> None:
         if case == "random":  # ours also at the dense size, for a like-for-like comparison
             small = [*extra[:3], f"--random-n={args.random_n_dense}", *extra[4:]]
             runs["stream_same_n"] = _spawn(case, "stream", args, small)
-            a, b = torch.load(runs["dense"]["scores"]), torch.load(runs["stream_same_n"]["scores"])
+            a, b = (
+                torch.load(runs["dense"]["scores"], weights_only=True),
+                torch.load(runs["stream_same_n"]["scores"], weights_only=True),
+            )
             peer = "stream_same_n"
         else:
-            a, b = torch.load(runs["dense"]["scores"]), torch.load(runs["stream"]["scores"])
+            a, b = (
+                torch.load(runs["dense"]["scores"], weights_only=True),
+                torch.load(runs["stream"]["scores"], weights_only=True),
+            )
             peer = "stream"
         print(f"{'method':<16}{'median s':>10}{'peak RSS MB':>13}{'above idle MB':>15}")
         for m, r in runs.items():
