@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from concept_deletion.choices import ChoiceEnum
 from concept_deletion.head import DEFAULT_MAX_ELEMENTS, evaluate_masked
 from concept_deletion.layout import Layout, check_codes
 
@@ -47,7 +48,7 @@ class Score(StrEnum):
     PROBABILITY = "probability"
 
 
-class Schedule(StrEnum):
+class Schedule(ChoiceEnum, kind="schedule"):
     """Counts of deleted concepts at which the head is evaluated."""
 
     ALL = "all"  # every count 0..K (small K)
@@ -129,12 +130,7 @@ def deletion_schedule(
     """Sorted unique counts from 0 to ``n_eligible`` at which the curve is evaluated."""
     if n_eligible < 1:
         raise ValueError(f"need at least one deletable concept, got n_eligible={n_eligible}")
-    try:
-        schedule = Schedule(schedule)
-    except ValueError:
-        raise ValueError(
-            f"unknown schedule {schedule!r}; use 'all', 'linear' or 'geometric'"
-        ) from None
+    schedule = Schedule.parse(schedule)
     if schedule is not Schedule.ALL and n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if schedule is Schedule.ALL or n_steps >= n_eligible:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from concept_deletion.choices import ChoiceEnum
 from concept_deletion.head import DEFAULT_MAX_ELEMENTS, evaluate_masked, rows_per_chunk
 from concept_deletion.layout import Layout, Reduction, apply_masks, check_codes, reduce_positions
 from concept_deletion.sobol import QMCSequence, jansen_total_indices
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class Measure(StrEnum):
+class Measure(ChoiceEnum, kind="importance measure"):
     """The importance measures compared by the concept-deletion metric."""
 
     CONTRIBUTION = "contribution"
@@ -57,14 +58,6 @@ class Measure(StrEnum):
     SOBOL = "sobol"
     OCCLUSION = "occlusion"
     RANDOM = "random"
-
-    @classmethod
-    def parse(cls, value: Measure | str) -> Measure:
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"unknown importance measure {value!r}; use one of {names}") from None
 
 
 class IGRule(StrEnum):

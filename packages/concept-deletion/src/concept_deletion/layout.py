@@ -12,28 +12,19 @@ position (as CRAFT's multiplicative masks), so a mask is always ``(M, K)``.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from torch import Tensor
+
+from concept_deletion.choices import ChoiceEnum
 
 __all__ = ["Layout", "Reduction", "apply_masks", "check_codes", "num_concepts", "reduce_positions"]
 
 
-class Layout(StrEnum):
+class Layout(ChoiceEnum, kind="code layout"):
     """Where the concept axis sits in a code tensor."""
 
     BKHW = "BKHW"
     BTK = "BTK"
     BK = "BK"
-
-    @classmethod
-    def parse(cls, value: Layout | str) -> Layout:
-        """Accept an enum member or its name (``'BKHW' | 'BTK' | 'BK'``)."""
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"unknown code layout {value!r}; use one of {names}") from None
 
     @property
     def ndim(self) -> int:
@@ -45,7 +36,7 @@ class Layout(StrEnum):
         return self.value.index("K")
 
 
-class Reduction(StrEnum):
+class Reduction(ChoiceEnum, kind="spatial reduction"):
     """How a per-position importance map is reduced to one value per concept.
 
     ``sum``/``mean`` keep the sign (for additive measures such as Gradient x Input, the signed
@@ -57,14 +48,6 @@ class Reduction(StrEnum):
     SUM_ABS = "sum_abs"
     MEAN_ABS = "mean_abs"
     MAX_ABS = "max_abs"
-
-    @classmethod
-    def parse(cls, value: Reduction | str) -> Reduction:
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"unknown spatial reduction {value!r}; use one of {names}") from None
 
 
 def check_codes(codes: Tensor, layout: Layout | str, name: str = "codes") -> Layout:

@@ -14,12 +14,13 @@ so memory does not grow with ``N`` or ``d``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from enum import StrEnum
 
 import numpy as np
 import torch
 from scipy.stats import qmc
 from torch import Tensor
+
+from concept_deletion.choices import ChoiceEnum
 
 __all__ = ["QMCSequence", "jansen_total_indices", "quasi_random_design"]
 
@@ -27,18 +28,11 @@ __all__ = ["QMCSequence", "jansen_total_indices", "quasi_random_design"]
 _SOBOL_MAX_DIM = 21201
 
 
-class QMCSequence(StrEnum):
+class QMCSequence(ChoiceEnum, kind="sequence"):
     """Quasi-random sequence used for the Sobol design."""
 
     HALTON = "halton"
     SOBOL = "sobol"
-
-    @classmethod
-    def parse(cls, value: QMCSequence | str) -> QMCSequence:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown sequence {value!r}; use 'halton' or 'sobol'") from None
 
 
 def quasi_random_design(
