@@ -32,7 +32,26 @@ def _conv1x1(conv: LayerFactory, cin: int, cout: int, stride: int = 1) -> nn.Mod
     return conv(cin, cout, kernel_size=1, stride=stride)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both block types share: optional stochastic depth, then the (downsampled) shortcut."""
+
+    downsample: nn.Module | None
+    stochastic_depth: StochasticDepth | None
+
+    def _init_shortcut(self, downsample: nn.Module | None, stochastic_depth_prob: float) -> None:
+        self.downsample = downsample
+        self.stochastic_depth = (
+            StochasticDepth(stochastic_depth_prob, "row") if stochastic_depth_prob else None
+        )
+
+    def _add_shortcut(self, out: Tensor, x: Tensor) -> Tensor:
+        if self.stochastic_depth is not None:
+            out = self.stochastic_depth(out)
+        out += x if self.downsample is None else self.downsample(x)
+        return out
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 B-cos convs with norms and an identity (or 1x1-conv) shortcut; no ReLU."""
 
     expansion = 1
@@ -56,20 +75,14 @@ class BasicBlock(nn.Module):
         self.bn1 = norm_layer(planes)
         self.conv2 = _conv3x3(conv_layer, planes, planes)
         self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stochastic_depth = (
-            StochasticDepth(stochastic_depth_prob, "row") if stochastic_depth_prob else None
-        )
+        self._init_shortcut(downsample, stochastic_depth_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
-        if self.stochastic_depth is not None:
-            out = self.stochastic_depth(out)
-        out += x if self.downsample is None else self.downsample(x)
-        return out
+        return self._add_shortcut(out, x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 → 3x3 (stride here, ResNet v1.5) → 1x1 (x4) B-cos convs with norms; no ReLU."""
 
     expansion = 4
@@ -94,19 +107,13 @@ class Bottleneck(nn.Module):
         self.bn2 = norm_layer(width)
         self.conv3 = _conv1x1(conv_layer, width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.downsample = downsample
-        self.stochastic_depth = (
-            StochasticDepth(stochastic_depth_prob, "row") if stochastic_depth_prob else None
-        )
+        self._init_shortcut(downsample, stochastic_depth_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
         out = self.bn3(self.conv3(out))
-        if self.stochastic_depth is not None:
-            out = self.stochastic_depth(out)
-        out += x if self.downsample is None else self.downsample(x)
-        return out
+        return self._add_shortcut(out, x)
 
 
 class BcosResNet(BcosModelMixin, nn.Module):
