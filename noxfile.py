@@ -7,8 +7,9 @@
 * ``lint``: ruff.
 * ``wheels``: builds every member with ``--no-sources`` (the release build) and installs each
   wheel alone, by file path, into a fresh environment, then imports it, runs its entry points,
-  and runs the member's tests against the installed wheel. Never resolves our own
-  distributions by name: PyPI has an unrelated ``c2score``.
+  and runs the member's tests against the installed wheel. Finally installs the fact-model
+  wheel with its siblings resolved BY NAME next to PyPI and checks ``import c2score`` is ours
+  (PyPI's ``c2score`` is an unrelated project; our distribution is ``fact-c2score``).
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ def _members() -> dict[str, dict]:
     """Map distribution name -> {dir, import_name, scripts, deps} from the workspace members."""
     out: dict[str, dict] = {}
     for pyproject in sorted(ROOT.glob("packages/*/pyproject.toml")):
-        meta = tomllib.loads(pyproject.read_text())["project"]
+        data = tomllib.loads(pyproject.read_text())
+        meta = data["project"]
         name = meta["name"]
+        backend = data.get("tool", {}).get("uv", {}).get("build-backend", {})
         out[name] = {
             "dir": pyproject.parent,
-            "import_name": name.replace("-", "_"),
+            # `fact-c2score` installs the module `c2score` (uv_build's module-name).
+            "import_name": backend.get("module-name", name.replace("-", "_")),
             "scripts": sorted(meta.get("scripts", {})),
         }
     for info in out.values():
@@ -141,8 +145,8 @@ def wheels(session: nox.Session) -> None:
             "uv", "venv", "--quiet", "--clear", f"--python={PYTHON}", str(venv), external=True
         )
         python = str(venv / "bin" / "python")
-        # Our own distributions are given by file path (never by name: PyPI has another
-        # `c2score`); everything else resolves from the package index.
+        # Our own distributions are given by file path; everything else resolves from the
+        # package index (the by-name resolution of our wheels is checked at the end).
         paths = [str(wheel_of[name])] + [str(wheel_of[s]) for s in info["siblings"]]
         session.run("uv", "pip", "install", "--quiet", f"--python={python}", *paths, external=True)
         code = (
@@ -171,3 +175,30 @@ def wheels(session: nox.Session) -> None:
             python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={info['dir']}",
             str(info["dir"] / "tests"), external=True, env=TEST_ENV,
         )  # fmt: skip
+    _check_no_dependency_confusion(session, dist, wheel_of["fact-model"])
+
+
+def _check_no_dependency_confusion(session: nox.Session, dist: Path, fact_wheel: Path) -> None:
+    """Install the fact-model wheel the way a user would -- our other wheels only findable BY NAME
+    (``--find-links``) and PyPI reachable -- and check that ``import c2score`` is ours.
+
+    PyPI's ``c2score`` is an unrelated project (a graph-schema metric); our distribution is
+    ``fact-c2score``. If any dependency named the bare ``c2score``, the resolver would take
+    PyPI's package here and the symbol check below would fail.
+    """
+    venv = Path(session.create_tmp()) / "wheel-dependency-confusion"
+    session.run("uv", "venv", "--quiet", "--clear", f"--python={PYTHON}", str(venv), external=True)
+    python = str(venv / "bin" / "python")
+    session.run(
+        "uv", "pip", "install", "--quiet", f"--python={python}", "--find-links", str(dist),
+        str(fact_wheel), external=True,
+    )  # fmt: skip
+    code = (
+        "import importlib.metadata as md, c2score\n"
+        "assert callable(c2score.evaluate_c2) and hasattr(c2score, 'OracleFeatures'), c2score.__file__\n"
+        "assert md.version('fact-c2score') == c2score.__version__\n"
+        "try:\n    md.distribution('c2score')\nexcept md.PackageNotFoundError:\n    pass\n"
+        "else:\n    raise SystemExit('the unrelated PyPI distribution c2score was installed')\n"
+        "print('c2score is ours:', c2score.__file__)"
+    )
+    session.run(python, "-I", "-c", code, external=True, env=TEST_ENV)
