@@ -377,3 +377,25 @@ def test_training_from_the_store_resumes_bit_identically(tmp_path: Path) -> None
     assert torch.equal(resumed.model.W_enc, reference.model.W_enc)
     assert torch.equal(resumed.model.W_dec, reference.model.W_dec)
     assert resumed.history == reference.history
+
+
+def test_attributes_are_stored_committed_with_shards_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    w = FeatureStoreWriter(path, 3, shard_rows=4, attributes={"layer": "layer4", "m": (1, 2)})
+    w.append(torch.ones(4, 3))  # one full shard -> manifest written with the attributes
+    w.attributes["progress"] = 7
+    w.append(torch.ones(2, 3))  # pending only: "progress" not yet committed
+    del w  # simulated crash: pending rows and the unsaved attribute change are lost
+    store = ShardedFeatureStore(path, allow_incomplete=True)
+    assert store.attributes == {"layer": "layer4", "m": [1, 2]}
+    assert store.num_rows == 4
+    # Reopening with equal attributes (tuples compare as lists) appends; a clash is refused.
+    w = FeatureStoreWriter(path, 3, shard_rows=4, attributes={"layer": "layer4", "m": (1, 2)})
+    w.attributes["progress"] = 9
+    w.append(torch.zeros(4, 3))
+    w.close()
+    assert ShardedFeatureStore(path).attributes["progress"] == 9
+    with pytest.raises(ValueError, match=r"attributes \['layer'\] differ"):
+        FeatureStoreWriter(path, 3, shard_rows=4, attributes={"layer": "layer3"})
+    with pytest.raises(TypeError, match="JSON"):
+        FeatureStoreWriter(tmp_path / "other", 3, attributes={"x": object()})

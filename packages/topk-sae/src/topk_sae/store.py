@@ -89,6 +89,14 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _json_roundtrip(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-normalised copy of ``data`` (tuples become lists), or a clear error."""
+    try:
+        return json.loads(json.dumps(dict(data)))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"store attributes must be JSON-serialisable: {err}") from err
+
+
 def _dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
@@ -161,6 +169,12 @@ class FeatureStoreWriter:
         metadata: names of int64 per-row fields every ``append`` must supply (e.g. image_id).
         nonfinite: what to do with rows holding NaN/Inf: ``"error"`` (raise), ``"drop"`` (skip
             them, counted in the manifest) or ``"keep"`` (no check).
+        attributes: JSON-serialisable user metadata stored in the manifest (e.g. where the
+            features came from). For a new store they are written as given; for an existing one
+            they must equal the stored ones where both have a key (``None``: keep the stored
+            ones). ``writer.attributes`` may be changed later: it is saved with every manifest
+            write, i.e. atomically together with the next shard (a producer's progress record
+            committed with the rows it describes).
     """
 
     def __init__(
@@ -172,6 +186,7 @@ class FeatureStoreWriter:
         shard_rows: int | None = None,
         metadata: Sequence[str] = (),
         nonfinite: Literal["error", "drop", "keep"] = "error",
+        attributes: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in <= 0:
             raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
@@ -214,7 +229,22 @@ class FeatureStoreWriter:
                     f"metadata) = {theirs}, this writer was opened with {ours}. Open it with the "
                     "same settings, or write to a new directory."
                 )
+            stored = dict(manifest.get("attributes", {}))
+            if attributes is not None:
+                given = _json_roundtrip(attributes)
+                clash = sorted(k for k in given if k in stored and stored[k] != given[k])
+                if clash:
+                    detail = "; ".join(
+                        f"{k}: stored {stored[k]!r}, given {given[k]!r}" for k in clash
+                    )
+                    raise ValueError(
+                        f"cannot append to the existing store {self.path}: attributes {clash} "
+                        f"differ ({detail}). Write to a new directory, or open it with the same "
+                        "attributes."
+                    )
+                stored.update(given)
             self._manifest = manifest
+            self._manifest["attributes"] = stored
             self._manifest["complete"] = False
         else:
             stray = [p.name for p in self.path.iterdir() if not p.name.endswith(".tmp")]
@@ -234,9 +264,15 @@ class FeatureStoreWriter:
                 "num_dropped_nonfinite": 0,
                 "complete": False,
                 "shards": [],
+                "attributes": _json_roundtrip(attributes or {}),
             }
         self._remove_leftovers()
         _atomic_write_json(self.path / MANIFEST_NAME, self._manifest)
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """User metadata saved in the manifest with every shard (mutable; JSON values only)."""
+        return self._manifest["attributes"]
 
     def _remove_leftovers(self) -> None:
         """Delete temporary files and shards a crash wrote without recording them."""
@@ -388,6 +424,8 @@ class ShardedFeatureStore:
         self.metadata_fields: list[str] = list(manifest["metadata_fields"])
         self.num_rows = int(manifest["num_rows"])
         self.complete = bool(manifest["complete"])
+        self.attributes: dict[str, Any] = dict(manifest.get("attributes", {}))
+        """User metadata written with the store (see ``FeatureStoreWriter(attributes=...)``)."""
         shards: list[ShardInfo] = []
         # Per shard: absolute byte offset of each field's first element in the file.
         self._offsets: list[dict[str, int]] = []
