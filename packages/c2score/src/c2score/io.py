@@ -17,8 +17,12 @@ are converted, 16-bit and 32-bit images are rescaled from their full range to [0
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +42,7 @@ __all__ = [
     "ImageFolder",
     "ImageLoadError",
     "StoredAttributions",
+    "atomic_path",
     "atomic_save_safetensors",
     "atomic_write_text",
     "load_activation_table",
@@ -52,22 +57,69 @@ ImageLike = Image.Image | torch.Tensor | np.ndarray
 """What an image source may yield: a PIL image or a (C, H, W) tensor / array."""
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+@functools.cache
+def _new_file_mode() -> int:
+    """Permissions of a newly created file under the process umask (mkstemp itself uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (POSIX; Windows cannot open directories)."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems (e.g. certain network mounts) do not support it
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; it replaces ``path`` atomically.
+
+    The temporary file is unique (``tempfile.mkstemp`` in the target's own directory, so that
+    concurrent writers never share it and ``os.replace`` stays on one file system). When the
+    ``with`` body returns, the file is fsynced, moved over ``path`` with ``os.replace`` and the
+    directory is fsynced: after a crash ``path`` holds the old or the new content, never a
+    torn mix. If the body raises, the temporary file is removed and ``path`` is untouched.
+    The new file gets the permissions of the file it replaces (else the umask default).
+
+    Every writer of c2score (reports, tables, checkpoints, caches, plots) goes through this.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """``safetensors.torch.save_file`` atomically and durably (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- activations

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from c2score.io import atomic_write_text
+from c2score.io import atomic_path, atomic_write_text
 
 __all__ = ["C2Result"]
 
@@ -114,7 +114,10 @@ class C2Result:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
     def save_histogram(self, path: str | Path, bins: int = 40) -> bool:
-        """Plot the per-concept consistency distribution (needs matplotlib; False without it)."""
+        """Plot the per-concept consistency distribution (needs matplotlib; False without it).
+
+        The format follows the file extension (PNG without one); the file is written atomically.
+        """
         try:
             import matplotlib
 
@@ -130,6 +133,10 @@ class C2Result:
         ax.set_title(f"C2 = {self.c2:.3f}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        try:
+            with atomic_path(path) as tmp:  # the temporary name hides the format: pass it
+                fig.savefig(tmp, dpi=120, format=fmt)
+        finally:
+            plt.close(fig)
         return True
