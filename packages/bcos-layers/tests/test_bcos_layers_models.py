@@ -204,6 +204,24 @@ def test_bad_inputs_get_clear_errors(name: str, tiny_models: dict[str, nn.Module
         model(torch.rand(1, 5, 32, 32))
 
 
+def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
+    """The NaN/Inf check looks at elements: a float16 224x224 batch sums to more than 65,504
+    (its float16 sum is inf), a float32 batch of 1e35 to more than 3.4e38; both are finite."""
+    model = create("tiny_resnet").half()
+    x = torch.rand(1, 6, 224, 224, generator=torch.Generator().manual_seed(0)).half()
+    assert torch.isinf(x.sum())  # what the old check looked at
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    big = torch.full((1, 6, 32, 32), 1e35)
+    assert torch.isinf(big.sum())
+    bcos_layers.models.check_image_batch(big, in_chans=6, dtype=torch.float32)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # single bad elements still caught
+        y = x.clone()
+        y[0, 5, 223, 0] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            model(y)
+
+
 def test_vit_rejects_sizes_its_stem_cannot_tokenize(tiny_models: dict[str, nn.Module]) -> None:
     with pytest.raises(ValueError, match="divisible by 8"):
         tiny_models["tiny_vitc"](torch.rand(1, 6, 30, 32))
