@@ -239,3 +239,122 @@ def test_model_method(models: dict[str, nn.Module]) -> None:
     x = _x(2)
     a, b = model.explain(x, 1), explain(model, x, 1)
     assert torch.equal(a.weights, b.weights)
+
+
+# ----------------------------------------------------------------- wrt= at in-place-updated outputs
+@pytest.fixture(scope="module")
+def long_bottleneck() -> nn.Module:
+    """Like create("resnet50_long"): Bottleneck blocks with stochastic depth (identity in eval)."""
+    torch.manual_seed(0)
+    model = bcos_layers.create("tiny_resnet_bottleneck", stochastic_depth_prob=0.1)
+    assert model.layer2[0].stochastic_depth is not None
+    return _randomize_norms(model)
+
+
+def _pre_bias_class3(f: torch.Tensor) -> torch.Tensor:
+    return f[:, 3].flatten(1).mean(1)
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each module's output as it returned it (copied inside the hook), in explanation mode."""
+    mods = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        mods[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone()))
+        for n in names
+    ]
+    try:
+        with torch.no_grad(), bcos_layers.explanation_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("name", "norm"),
+    [
+        ("tiny_resnet", "layer2.0.bn2"),  # BasicBlock: out = bn2(...); out += shortcut
+        ("long", "layer2.0.bn3"),  # Bottleneck
+        ("long", "layer2.0.stochastic_depth"),  # returns bn3's tensor unchanged in eval
+    ],
+)
+def test_wrt_last_norm_of_a_block_explains_that_norm_not_the_block(
+    name: str, norm: str, models: dict[str, nn.Module], long_bottleneck: nn.Module
+) -> None:
+    model = long_bottleneck if name == "long" else models[name]
+    x = _x(2)
+    block = norm.rsplit(".", 1)[0]
+    ref = _outputs(model, x, [norm, block, f"{block}.downsample"])
+    assert (ref[norm] - ref[block]).abs().max() > 0.1 * ref[norm].abs().max()  # a real shortcut
+    ex = explain(model, x, layer="avgpool", fn=_pre_bias_class3, wrt=norm)
+    scale = float((ref[norm] * ex.weights).abs().max())
+    # contributions / weights is the norm's output, not the block output
+    torch.testing.assert_close(
+        ex.contributions, ref[norm] * ex.weights, rtol=1e-5, atol=1e-6 * scale
+    )
+    assert not torch.allclose(ex.contributions, ref[block] * ex.weights, rtol=1e-2, atol=0.0)
+    # completeness across the cut: norm + shortcut contributions == block contributions == value
+    short = explain(model, x, layer="avgpool", fn=_pre_bias_class3, wrt=f"{block}.downsample")
+    whole = explain(model, x, layer="avgpool", fn=_pre_bias_class3, wrt=block)
+    vscale = float(whole.contributions.abs().flatten(1).sum(1).max())
+    torch.testing.assert_close(
+        ex.contributions + short.contributions, whole.contributions, rtol=1e-5, atol=1e-6 * scale
+    )
+    assert whole.completeness_error.abs().max() <= 1e-5 * vscale
+    # what the norm's explanation misses is exactly the shortcut's share
+    torch.testing.assert_close(
+        ex.completeness_error, short.contributions.flatten(1).sum(1), rtol=1e-4, atol=1e-6 * vscale
+    )
+    assert ex.completeness_error.abs().max() > 1e-2 * vscale
+
+
+def test_capture_output_keeps_the_module_output_and_its_gradient() -> None:
+    """A hook with capture_output: later in-place ops hit the copy; d value / d captured is right."""
+    lin = nn.Linear(4, 3, bias=False)
+    a = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    store: dict[str, bcos_layers.CapturedOutput] = {}
+
+    def hook(m: nn.Module, i: tuple[torch.Tensor, ...], o: torch.Tensor) -> torch.Tensor:
+        store["f"] = bcos_layers.capture_output(o)
+        return store["f"].passthrough
+
+    h = lin.register_forward_hook(hook)
+    try:
+        x = a.clone().requires_grad_(True)
+        out = lin(x)
+        out += 10.0  # in place, like a residual block's `out += shortcut`
+        out.mul_(2.0)
+        value = (out * c).sum()
+    finally:
+        h.remove()
+    cap = store["f"]
+    cap.check_unmodified()
+    torch.testing.assert_close(cap.tensor, a @ lin.weight.T)  # the module output, unmodified
+    g_f, g_x = torch.autograd.grad(value, [cap.tensor, x])
+    torch.testing.assert_close(g_f, 2.0 * c)  # d value / d (module output)
+    torch.testing.assert_close(g_x, 2.0 * c @ lin.weight)  # still connected to the input
+
+
+class _TapThenScaleInPlace(nn.Module):
+    """``tap`` returns its input; the caller then scales that very tensor in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = bcos_layers.BcosLinear(6, 4)
+        self.tap = nn.Identity()
+        self.head = bcos_layers.BcosLinear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x.flatten(1)[:, :6])
+        t = self.tap(h)
+        h.mul_(2.0)  # writes into the tensor `tap` returned
+        return self.head(t)
+
+
+def test_wrt_output_modified_in_place_through_another_reference_is_refused() -> None:
+    model = _TapThenScaleInPlace().eval()
+    with pytest.raises(RuntimeError, match=r"output of module 'tap' was modified in place"):
+        explain(model, _x(2), 1, wrt="tap")

@@ -1,6 +1,6 @@
 """B-cos networks: dynamic-linear layers, model zoo, official B-cos-v2 checkpoints, exact explanations."""
 
-from bcos_layers.explain import Explanation, explain
+from bcos_layers.explain import CapturedOutput, Explanation, capture_output, explain
 from bcos_layers.explanation_mode import explanation_mode
 from bcos_layers.layers import (
     AddInverse,
@@ -36,6 +36,7 @@ __all__ = [
     "BatchNormUncentered2d",
     "BcosConv2d",
     "BcosLinear",
+    "CapturedOutput",
     "DetachableGroupNorm2d",
     "DetachableLayerNorm",
     "DetachableModule",
@@ -48,6 +49,7 @@ __all__ = [
     "Transformer",
     "UniformOffLabelBCELoss",
     "__version__",
+    "capture_output",
     "contribution_heatmap",
     "create",
     "eval_transform",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from bcos_layers.explanation_mode import explanation_mode
 from bcos_layers.layers.misc import LogitLayer, PosEmbSinCos2d
 
-__all__ = ["Explanation", "explain"]
+__all__ = ["CapturedOutput", "Explanation", "capture_output", "explain"]
 
 
 class Explanation(NamedTuple):
@@ -51,6 +51,69 @@ class Explanation(NamedTuple):
     completeness_error: Tensor
     target: Tensor | None
     output: Tensor | None
+
+
+class CapturedOutput(NamedTuple):
+    """A module output held by a forward hook so that nothing downstream can write into it.
+
+    Made by :func:`capture_output`; see there for the recipe.
+
+    Attributes:
+        tensor: the module's output values with an autograd identity of their own: gradients
+            w.r.t. it (``torch.autograd.grad(value, captured.tensor)``) count only the paths
+            through ``passthrough``, and ``tensor * grad`` are contributions of this output.
+        passthrough: a copy of ``tensor``; the hook returns it, so the rest of the forward pass
+            (including in-place ops such as a residual block's ``out += shortcut``) uses it.
+        version: ``tensor._version`` when captured (see :meth:`check_unmodified`).
+    """
+
+    tensor: Tensor
+    passthrough: Tensor
+    version: int
+
+    def check_unmodified(self, name: str = "the captured module output") -> None:
+        """Raise ``RuntimeError`` if ``tensor``'s storage was written since the capture.
+
+        ``tensor`` shares storage with the module's original output; code that kept a
+        reference to that output (e.g. a module returning its input unchanged, whose caller
+        then updates that input in place) could still change it. Then ``tensor`` no longer
+        holds the module output and an explanation in its terms would be wrong.
+        """
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                f"{name} was modified in place after the module returned it (tensor version "
+                f"{self.version} -> {self.tensor._version}); it no longer holds the module "
+                "output, so an explanation in its terms would be wrong. Capture the output of "
+                "a module whose result is not updated in place afterwards."
+            )
+
+
+def capture_output(out: Tensor) -> CapturedOutput:
+    """Capture a module output in a forward hook so that later in-place ops cannot change it.
+
+    Residual blocks add the shortcut **in place** into the tensor their last norm returned
+    (``out = self.bn3(...); out += shortcut``), and in eval mode ``StochasticDepth`` returns its
+    input unchanged; a hook that just keeps ``out`` therefore ends up holding the *block*
+    output, and gradients w.r.t. it are those of the sum. Use instead::
+
+        def hook(module, inputs, out):
+            cap = capture_output(out)
+            store["f"] = cap  # explain / splice in terms of cap.tensor
+            return cap.passthrough  # the rest of the forward runs on the copy
+
+    and, after the forward, ``store["f"].check_unmodified()`` before using ``cap.tensor``.
+    ``cap.tensor`` is a view of ``out`` (no copy) with its own autograd node, so
+    ``∂value/∂cap.tensor`` is the derivative w.r.t. this module's output only -- never through
+    other users of the same tensor (a module that returns its input unchanged passes on a
+    tensor other layers may also read). It stays connected to the graph above the module, so
+    gradients w.r.t. the model input still flow through it. Costs one copy of the output.
+    """
+    if not isinstance(out, Tensor):
+        raise TypeError(f"module output is a {type(out).__name__}, expected a Tensor")
+    tensor = out.view_as(out)
+    if not tensor.requires_grad and torch.is_grad_enabled():
+        tensor = out.detach().requires_grad_(True)  # e.g. a constant: still differentiable
+    return CapturedOutput(tensor, tensor.clone(), tensor._version)
 
 
 class _StopForward(Exception):
@@ -102,6 +165,11 @@ def explain(
             sample ``[B]``, e.g. ``lambda a: a[:, 7].sum((1, 2))`` (channel 7 of a CNN layer).
         wrt: explain in terms of this module's output instead of the input ``x`` (e.g.
             ``"layer3"``: ``weights`` = ``∂value/∂f``, ``contributions`` = ``f ⊙ weights``).
+            ``f`` is exactly what the module returned, even where the model later updates
+            that tensor in place (``layer3.5.bn3`` in a ResNet block, before ``out +=
+            shortcut``; see :func:`capture_output`): then the shortcut's share is not part of
+            the contributions and shows up in ``completeness_error``. A module output that is
+            changed in place through another reference raises ``RuntimeError``.
 
     Returns:
         An :class:`Explanation` (all tensors detached).
@@ -125,6 +193,7 @@ def explain(
     bias_leaves: list[Tensor] = []
     pe_leaves: list[Tensor] = []
     captured: dict[str, Tensor] = {}
+    wrt_capture: list[CapturedOutput] = []
     handles = []
 
     def logit_hook(mod: LogitLayer, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
@@ -143,15 +212,17 @@ def explain(
             pe_leaves.append(leaf)
         return leaf
 
-    def capture(key: str, stop: bool) -> Callable[..., None]:
-        def hook(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-            if not isinstance(out, Tensor):
-                raise TypeError(f"module output is a {type(out).__name__}, expected a Tensor")
-            captured[key] = out
-            if stop:
-                raise _StopForward
+    def capture_layer(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"module output is a {type(out).__name__}, expected a Tensor")
+        captured["layer"] = out
+        raise _StopForward  # nothing downstream runs, so nothing can modify `out`
 
-        return hook
+    def capture_wrt(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        cap = capture_output(out)
+        wrt_capture.append(cap)
+        captured["wrt"] = cap.tensor
+        return cap.passthrough
 
     try:
         for m in model.modules():
@@ -160,9 +231,9 @@ def explain(
             elif isinstance(m, PosEmbSinCos2d):
                 handles.append(m.register_forward_hook(pe_hook))
         if wrt is not None:
-            handles.append(_find_module(model, wrt).register_forward_hook(capture("wrt", False)))
+            handles.append(_find_module(model, wrt).register_forward_hook(capture_wrt))
         if layer is not None:
-            handles.append(_find_module(model, layer).register_forward_hook(capture("layer", True)))
+            handles.append(_find_module(model, layer).register_forward_hook(capture_layer))
         with torch.enable_grad(), explanation_mode(model):
             out: Tensor | None = None
             with contextlib.suppress(_StopForward):
@@ -185,6 +256,13 @@ def explain(
                 )
             if wrt is not None and "wrt" not in captured:
                 raise ValueError(f"module {wrt!r} did not run before the explained value")
+            if len(wrt_capture) > 1:
+                raise ValueError(
+                    f"module {wrt!r} ran {len(wrt_capture)} times in one forward pass; "
+                    "explain in terms of a module that runs once"
+                )
+            if wrt_capture:
+                wrt_capture[0].check_unmodified(f"the output of module {wrt!r}")
             base = captured["wrt"] if wrt is not None else x
             leaves = [base, *bias_leaves, *pe_leaves]
             grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
