@@ -86,15 +86,11 @@ def _reference(images, acts, maps, extractor, sel_cfg, seeds):
 
     scores = {}
     for c in range(acts.shape[1]):
-        col = acts[:, c]
-        act = [i for i in range(N) if col[i] > 0]
-        act.sort(key=lambda i: (-float(col[i]), i))
-        k = (
-            len(act)
-            if len(act) <= sel_cfg.min_top
-            else max(sel_cfg.min_top, math.ceil(0.05 * len(act)))
-        )
-        chosen = [i for i in act[:k] if float(up[i, c].clamp_min(0).sum()) > 0]
+        col = acts[:, c].float()
+        pos = col[col > 0]  # the authors' rule: a > min(q95 of the positives, 11th largest)
+        thr = 0.0 if len(pos) <= 10 else min(torch.quantile(pos, 0.95), pos.topk(11).values[-1])
+        act = [i for i in range(N) if col[i] > thr]
+        chosen = [i for i in act if float(up[i, c].clamp_min(0).sum()) > 0]
         if len(chosen) >= sel_cfg.min_images:
             scores[c] = consistency([(emb(up[i, c], centred[i]), float(col[i])) for i in chosen])
     base = []

@@ -1,20 +1,25 @@
 """Which images each concept is evaluated on (paper App. C.3), decided up front from the table.
 
-Rule, per concept c over the N evaluation images:
+The rule is the authors' ``get_indices_to_explain`` (``analysis/dino_consistency.py``), exactly.
+Per concept c over the N evaluation images:
 
-* the *active* images are those with a finite activation a_c(x) > 0;
-* with n <= ``min_top`` (10) active images all of them are taken; otherwise the top
-  ``k = max(min_top, ceil(top_fraction * n))`` by activation (top 5 %, but at least the top 10);
-* ties are broken deterministically by the lower image index;
+* the *active* images are those with a finite activation a_c(x) > 0; let n be their number;
+* with n <= ``min_top`` (10) all active images are taken; otherwise the threshold is
+  ``thr = min(torch.quantile(positives, 1 - top_fraction), (min_top + 1)-th largest positive)``
+  (default: the 95 % quantile with torch's default linear interpolation, and the 11th largest)
+  and the images with ``a_c(x) > thr`` are taken: the top 5 %, but at least the top 10;
+* the comparison is computed on float32 activations, as in the authors' code, with
+  ``torch.quantile`` itself (so its float32 rank arithmetic is reproduced: for distinct values
+  the count is max(10, ceil(0.05 (n - 1))) -- 10 at n = 201, 50 at n = 1000 -- except where
+  that rounding moves the quantile just below a value, e.g. 24 instead of 23 at some n = 461);
+* **ties:** the threshold is strict, so all images tied *above* it are taken and all images
+  tied *at* it are left out. A concept can therefore get more or fewer than the nominal count,
+  down to none (e.g. 200 images with the same activation: thr = that value, nothing is above);
 * concepts left with fewer than ``min_images`` (5) images are skipped and counted, as are
   concepts whose column holds a NaN or an infinity;
 * an image whose *whole* row is NaN / infinite (e.g. the concept model failed on it) is
   excluded from the evaluation instead (listed in ``Selection.bad_images``), so that one broken
   image does not disqualify every concept.
-
-The authors' code (``get_indices_to_explain``) selects ``a > min(quantile_0.95, 11th largest)``,
-which can take more than k images when values tie; a fixed k with index tie-breaking is exact
-and reproducible.
 """
 
 from __future__ import annotations
@@ -52,12 +57,39 @@ class SelectionConfig:
 
 
 def n_to_select(n_active: int, config: SelectionConfig = SelectionConfig()) -> int:
-    """How many of ``n_active`` active images a concept is evaluated on."""
+    """Nominal number of images a concept with ``n_active`` distinct active values gets.
+
+    ``n`` if ``n <= min_top``, else ``max(min_top, ceil(top_fraction * (n - 1)))`` (the number
+    of values above the linear-interpolation quantile at exact arithmetic). The selection
+    itself is the threshold rule of :func:`select_images`, which differs from this with ties
+    and, rarely, by one through torch's float32 quantile arithmetic (see the module docstring).
+    """
     if n_active <= config.min_top:
         return n_active
-    # round() guards against 0.05 * 1000 = 50.000000000000007 turning into 51.
-    k = math.ceil(round(config.top_fraction * n_active, 9))
+    # round() guards against e.g. 0.05 * 1000 = 50.000000000000007 turning into 51.
+    k = math.ceil(round(config.top_fraction * (n_active - 1), 9))
     return min(n_active, max(config.min_top, k))
+
+
+def _thresholds(
+    acts_NC: torch.Tensor, active_NC: torch.Tensor, config: SelectionConfig
+) -> torch.Tensor:
+    """(C,) selection threshold per column of float32 ``acts_NC`` (select ``acts > thr``).
+
+    ``torch.nanquantile`` over the column with its inactive entries set to NaN is
+    ``torch.quantile`` of the column's active values (same sort, same rank arithmetic).
+    """
+    n_C = active_NC.sum(dim=0)
+    if n_C.numel() == 0 or int(n_C.max()) <= config.min_top:
+        return torch.zeros(acts_NC.shape[1], dtype=acts_NC.dtype)  # take every active image
+    nan = torch.full((), float("nan"), dtype=acts_NC.dtype)
+    q_C = torch.nanquantile(torch.where(active_NC, acts_NC, nan), 1.0 - config.top_fraction, dim=0)
+    # some column has n > min_top, so there are at least min_top + 1 rows
+    neg_inf = torch.full((), float("-inf"), dtype=acts_NC.dtype)
+    top_kC = torch.topk(torch.where(active_NC, acts_NC, neg_inf), config.min_top + 1, dim=0)
+    q_C = torch.minimum(q_C, top_kC.values[-1])  # the (min_top + 1)-th largest
+    # n <= min_top: every active image (a > 0); this also covers the NaN of empty columns
+    return torch.where(n_C <= config.min_top, torch.zeros((), dtype=acts_NC.dtype), q_C)
 
 
 class Selection(NamedTuple):
@@ -94,40 +126,21 @@ class Selection(NamedTuple):
 
 def _select_column_block(
     acts_NC: torch.Tensor, config: SelectionConfig
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Top images per column of a dense block: (image ids, weights) per column, finite mask.
-
-    A partial ``topk`` finds each column's k-th largest value; only the candidates at or above
-    it (k plus ties) are then ordered by (value descending, image ascending): no full sort.
-    """
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Selected images per column of a dense block: (image ids, weights) per column, finite
+    mask and number of active images per column."""
     c = acts_NC.shape[1]
     finite_C = torch.isfinite(acts_NC).all(dim=0)
     acts = torch.where(torch.isfinite(acts_NC), acts_NC, torch.zeros((), dtype=acts_NC.dtype))
-    n_active_C = (acts > 0).sum(dim=0)
-    k_C = torch.tensor(
-        [n_to_select(int(a), config) if f else 0 for a, f in zip(n_active_C, finite_C)],
-        dtype=torch.int64,
-    )
-    k_max = int(k_C.max()) if c else 0
-    if k_max == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return [empty] * c, [empty.double()] * c, finite_C
-    top_kC = torch.topk(acts, k_max, dim=0).values  # sorted, descending
-    thr_C = top_kC[(k_C - 1).clamp(min=0), torch.arange(c)]
-    mask = (acts >= thr_C) & (acts > 0) & (k_C > 0)
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows ascending within a column
-    vals = acts[rows, cols]
-    order = torch.argsort(vals, descending=True, stable=True)
-    order = order[torch.argsort(cols[order], stable=True)]
-    rows, cols, vals = rows[order], cols[order], vals[order]
+    active = (acts > 0) & finite_C
+    thr_C = _thresholds(acts, active, config)
+    # nonzero of the transpose: ordered by column, then row
+    cols, rows = (active & (acts > thr_C)).T.nonzero(as_tuple=True)
+    vals = acts[rows, cols].to(torch.float64)
     start_C = torch.searchsorted(cols, torch.arange(c + 1))
-    images, weights = [], []
-    for j in range(c):
-        lo = int(start_C[j])
-        hi = lo + int(k_C[j])
-        images.append(rows[lo:hi])
-        weights.append(vals[lo:hi].to(torch.float64))
-    return images, weights, finite_C
+    images = [rows[start_C[j] : start_C[j + 1]] for j in range(c)]
+    weights = [vals[start_C[j] : start_C[j + 1]] for j in range(c)]
+    return images, weights, finite_C, active.sum(dim=0)
 
 
 def select_images(
@@ -147,6 +160,7 @@ def select_images(
     per_concept_images: list[torch.Tensor] = []
     per_concept_weights: list[torch.Tensor] = []
     finite = torch.ones(n_concepts, dtype=torch.bool)
+    n_active = torch.zeros(n_concepts, dtype=torch.int64)
     n_bad_N = torch.zeros(n_images, dtype=torch.int64)  # non-finite entries per image
     if table.dense is not None:
         for c0 in range(0, n_concepts, block_concepts):
@@ -163,10 +177,11 @@ def select_images(
         for c0 in range(0, n_concepts, block_concepts):
             block = table.dense[:, c0 : c0 + block_concepts].float()
             block = torch.where(row_ok_N[:, None], block, torch.zeros((), dtype=block.dtype))
-            ims, ws, fin = _select_column_block(block, config)
+            ims, ws, fin, act = _select_column_block(block, config)
             per_concept_images += ims
             per_concept_weights += ws
             finite[c0 : c0 + block.shape[1]] = fin
+            n_active[c0 : c0 + block.shape[1]] = act
     else:
         ims_all, cons_all, vals_all = table.sparse_sorted_by_concept()
         row_ok = row_ok_N[ims_all]
@@ -182,16 +197,18 @@ def select_images(
                 per_concept_images.append(im[:0])
                 per_concept_weights.append(v[:0].double())
                 continue
-            # sorted by value (descending) then image (ascending) already; keep positives.
-            n_active = int((v > 0).sum())
-            k = n_to_select(n_active, config)
+            # sorted by value (descending) then image (ascending): the selection is a prefix
+            v32 = v.float()
+            n_active[c] = n = int((v32 > 0).sum())
+            thr = _thresholds(v32[:n, None], torch.ones(n, 1, dtype=torch.bool), config)
+            k = int((v32[:n] > thr).sum())
             per_concept_images.append(im[:k])
             per_concept_weights.append(v[:k].double())
 
     counts = torch.tensor([len(i) for i in per_concept_images], dtype=torch.int64)
     ids = torch.arange(n_concepts)
-    inactive = finite & (counts == 0)
-    too_few = finite & (counts > 0) & (counts < config.min_images)
+    inactive = finite & (n_active == 0)
+    too_few = finite & (n_active > 0) & (counts < config.min_images)
     kept = finite & (counts >= config.min_images)
     skipped = {
         "non_finite_activations": ids[~finite],
