@@ -19,8 +19,16 @@ from topk_sae import (
     TrainingDivergedError,
     train,
 )
+from topk_sae import trainer as trainer_module
 from topk_sae.checkpoint import CheckpointManager
-from topk_sae.trainer import Schedule, estimate_input_stats
+from topk_sae.trainer import (
+    LossParts,
+    Schedule,
+    compute_loss,
+    estimate_input_stats,
+    make_optimizer,
+    training_step,
+)
 
 BASE = TrainConfig(
     n_latents=32,
@@ -187,3 +195,94 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert ckpt is not None and ckpt.state["step"] == 9
     assert all(torch.isfinite(t).all() for t in ckpt.model.values())
     assert not (tmp_path / "model").exists()
+
+
+def test_one_row_batches_with_dead_latents_train_without_nan(tmp_path: Path) -> None:
+    # The reproduction of issue 9: 65 rows in batches of 64 leave a 1-row batch every epoch;
+    # once a latent is dead, AuxK's normaliser (the residual variance) of that batch is 0.
+    x = torch.randn(65, 8, generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(
+        n_latents=32,
+        k=2,
+        epochs=4,
+        lr=1e-2,
+        warmup_epochs=0.5,
+        hold_epochs=0.5,
+        dead_after_tokens=10,
+        k_aux=8,
+        progress=False,
+        log_every=1,
+    )
+    res = train(cfg, TensorSource(x, batch_size=64, seed=0), out_dir=tmp_path)
+    one_row_steps = [h for h in res.history if h["step"] % 2 == 0]  # batches 64, 1, 64, 1, ...
+    assert any(h["num_dead"] > 0 for h in one_row_steps)  # the AuxK path was taken
+    assert all(h["auxk"] == 0.0 for h in one_row_steps)  # ... and skipped
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+@pytest.mark.parametrize("rows", ["one row", "identical rows"])
+def test_auxk_without_residual_spread_is_zero_with_finite_gradient(rows: str) -> None:
+    torch.manual_seed(0)
+    model = BiasFreeTopKSAE(8, 32, 2)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::2] = True
+    # Three identical float32 rows: the batch mean is off by rounding, so the residual variance
+    # is ~1e-15 instead of 0 (before the fix: an AuxK loss of 4e15).
+    x = torch.randn(1, 8) if rows == "one row" else torch.randn(1, 8).expand(3, 8).clone()
+    parts = compute_loss(model, x, k=2, dead_n=dead, k_aux=8, auxk_coef=1 / 32)
+    assert parts.forward.aux_recon_ND is not None  # dead latents were selected
+    assert float(parts.auxk) == 0.0  # not NaN, not ~1e17 from a rounding-noise normaliser
+    parts.total.backward(retain_graph=True)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # The gradient is the reconstruction term's alone.
+    model.zero_grad()
+    parts.mse.backward()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    # With spread (distinct rows) the same dead latents give a positive AuxK loss.
+    spread = compute_loss(model, torch.randn(16, 8), k=2, dead_n=dead, k_aux=8, auxk_coef=1 / 32)
+    assert float(spread.auxk) > 0
+
+
+def _nan_gradient_from_call(monkeypatch: pytest.MonkeyPatch, bad_call: int) -> None:
+    """Make the ``bad_call``-th loss (0-based) have a finite value but a NaN gradient."""
+    calls = itertools.count()
+    original = trainer_module.compute_loss
+
+    def poisoned(model: BiasFreeTopKSAE, *args: object, **kwargs: object) -> LossParts:
+        parts = original(model, *args, **kwargs)
+        if next(calls) != bad_call:
+            return parts
+        zero = model.W_dec.sum() - model.W_dec.sum().detach()  # 0, with gradient 1
+        return parts._replace(total=parts.total + 0.0 * torch.sqrt(zero))  # d sqrt(0) = inf
+
+    monkeypatch.setattr(trainer_module, "compute_loss", poisoned)
+
+
+def test_nan_gradient_without_clipping_is_never_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_gradient_from_call(monkeypatch, bad_call=0)
+    torch.manual_seed(0)
+    model = BiasFreeTopKSAE(16, 32, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(model, lr=1e-2)
+    _, loss, grad_norm = training_step(
+        model, opt, sparse_data(n=64), k=3, dead_n=None, k_aux=8, auxk_coef=0.0, grad_clip_norm=None
+    )
+    assert math.isfinite(loss) and not math.isfinite(grad_norm)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_nan_gradient_without_clipping_stops_before_any_checkpoint_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_gradient_from_call(monkeypatch, bad_call=2)
+    cfg = dataclasses.replace(BASE, grad_clip_norm=None, checkpoint_every=1)
+    with pytest.raises(TrainingDivergedError, match=r"non-finite gradient norm .* at step 2 "):
+        train(cfg, TensorSource(sparse_data(n=256), batch_size=64), out_dir=tmp_path)
+    ckpt = CheckpointManager(tmp_path).load_latest()
+    assert ckpt is not None and ckpt.state["step"] == 2  # the last good one, before the bad step
+    assert all(torch.isfinite(t).all() for t in ckpt.model.values())
+    assert all(torch.isfinite(t).all() for t in ckpt.optimizer["state"][0].values())

@@ -29,6 +29,10 @@ from topk_sae.data import BatchSource
 from topk_sae.hub import atomic_write_text, load_state_strict
 from topk_sae.sae import BiasFreeTopKSAE, TrainForward
 
+AUXK_MIN_RELATIVE_SPREAD = 1e-6
+"""AuxK is skipped on a batch whose residual variance about the batch mean is at most this
+fraction of the residuals' mean squared norm (no spread: one row or identical rows)."""
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
@@ -104,6 +108,12 @@ def compute_loss(
     AuxK: the top ``k_aux`` dead latents reconstruct the detached residual ``e = x - x_hat``
     with the decoder alone (no bias); the loss is normalised by the residual's variance about
     its batch mean. Its gradient reaches the encoder through the selected dead pre-activations.
+
+    A batch whose residuals have (almost) no spread -- one row, or identical rows -- has no
+    usable normaliser: 0, or rounding noise of order ``eps^2 ||e||^2`` (about 1e-17 in
+    float32), which would give a NaN gradient or a loss of 1e17. AuxK is then 0 for that batch
+    (value *and* gradient): it is skipped when the variance is at most
+    ``AUXK_MIN_RELATIVE_SPREAD`` times the residuals' mean squared norm.
     """
     fwd = model.train_forward(
         xs_ND, k=k, dead_n=dead_n if auxk_coef > 0 else None, k_aux=k_aux, bf16=bf16
@@ -114,7 +124,10 @@ def compute_loss(
         residual = (xs_ND - fwd.recon_ND).detach()
         aux_err = (fwd.aux_recon_ND - residual).pow(2).sum(dim=1).mean()
         denom = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean()
-        auxk = torch.nan_to_num(aux_err / denom, nan=0.0, posinf=0.0)
+        usable = denom > AUXK_MIN_RELATIVE_SPREAD * residual.pow(2).sum(dim=1).mean()
+        # Both branches of a where() are differentiated: divide by 1 where the normaliser is
+        # unusable, so the skipped branch has a finite (zero-weighted) gradient, not NaN.
+        auxk = torch.where(usable, aux_err / torch.where(usable, denom, 1.0), 0.0)
     return LossParts(mse + auxk_coef * auxk, mse, auxk, fwd)
 
 
@@ -150,8 +163,9 @@ def training_step(
     """One full update on scaled rows: loss, sparse backward, remove the atom-parallel decoder
     gradient, clip, optimizer step, renormalise the atoms.
 
-    Returns ``(loss parts, loss value, gradient norm)``; when the loss or the gradient norm is
-    not finite the parameters are left untouched (the caller decides what to do).
+    Returns ``(loss parts, loss value, gradient norm)``; the gradient norm (before clipping) is
+    computed whether or not ``grad_clip_norm`` is set, and when the loss or the gradient norm
+    is not finite the parameters are left untouched (the caller decides what to do).
     """
     parts = compute_loss(
         model, xs_ND, k=k, dead_n=dead_n, k_aux=k_aux, auxk_coef=auxk_coef, bf16=bf16
@@ -162,12 +176,15 @@ def training_step(
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     model.remove_parallel_grad_()
-    grad_norm = 0.0
     if grad_clip_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
-        if not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return parts, loss_value, grad_norm
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return parts, loss_value, grad_norm
     optimizer.step()
     model.normalize_atoms_()
     return parts, loss_value, grad_norm
