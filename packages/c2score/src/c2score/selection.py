@@ -72,24 +72,26 @@ def n_to_select(n_active: int, config: SelectionConfig = SelectionConfig()) -> i
 
 
 def _thresholds(
-    acts_NC: torch.Tensor, active_NC: torch.Tensor, config: SelectionConfig
+    acts_CN: torch.Tensor, active_CN: torch.Tensor, config: SelectionConfig
 ) -> torch.Tensor:
-    """(C,) selection threshold per column of float32 ``acts_NC`` (select ``acts > thr``).
+    """(C,) selection threshold per row of float32 ``acts_CN`` (concept-major: select
+    ``acts > thr``).
 
-    ``torch.nanquantile`` over the column with its inactive entries set to NaN is
-    ``torch.quantile`` of the column's active values (same sort, same rank arithmetic).
+    ``torch.nanquantile`` over a row with its inactive entries set to NaN is ``torch.quantile``
+    of the row's active values (same sort, same rank arithmetic).
     """
-    n_C = active_NC.sum(dim=0)
+    n_C = active_CN.sum(dim=1)
+    zero = torch.zeros((), dtype=acts_CN.dtype)
     if n_C.numel() == 0 or int(n_C.max()) <= config.min_top:
-        return torch.zeros(acts_NC.shape[1], dtype=acts_NC.dtype)  # take every active image
-    nan = torch.full((), float("nan"), dtype=acts_NC.dtype)
-    q_C = torch.nanquantile(torch.where(active_NC, acts_NC, nan), 1.0 - config.top_fraction, dim=0)
-    # some column has n > min_top, so there are at least min_top + 1 rows
-    neg_inf = torch.full((), float("-inf"), dtype=acts_NC.dtype)
-    top_kC = torch.topk(torch.where(active_NC, acts_NC, neg_inf), config.min_top + 1, dim=0)
-    q_C = torch.minimum(q_C, top_kC.values[-1])  # the (min_top + 1)-th largest
-    # n <= min_top: every active image (a > 0); this also covers the NaN of empty columns
-    return torch.where(n_C <= config.min_top, torch.zeros((), dtype=acts_NC.dtype), q_C)
+        return zero.expand(acts_CN.shape[0])  # take every active image
+    nan = torch.full((), float("nan"), dtype=acts_CN.dtype)
+    q_C = torch.nanquantile(torch.where(active_CN, acts_CN, nan), 1.0 - config.top_fraction, dim=1)
+    # some row has n > min_top, so there are at least min_top + 1 columns
+    neg_inf = torch.full((), float("-inf"), dtype=acts_CN.dtype)
+    top_Ck = torch.topk(torch.where(active_CN, acts_CN, neg_inf), config.min_top + 1, dim=1)
+    q_C = torch.minimum(q_C, top_Ck.values[:, -1])  # the (min_top + 1)-th largest
+    # n <= min_top: every active image (a > 0); this also covers the NaN of empty rows
+    return torch.where(n_C <= config.min_top, zero, q_C)
 
 
 class Selection(NamedTuple):
@@ -130,17 +132,17 @@ def _select_column_block(
     """Selected images per column of a dense block: (image ids, weights) per column, finite
     mask and number of active images per column."""
     c = acts_NC.shape[1]
-    finite_C = torch.isfinite(acts_NC).all(dim=0)
-    acts = torch.where(torch.isfinite(acts_NC), acts_NC, torch.zeros((), dtype=acts_NC.dtype))
-    active = (acts > 0) & finite_C
+    acts_CN = acts_NC.T.contiguous()  # reductions along the last axis are the fast ones
+    finite_C = torch.isfinite(acts_CN).all(dim=1)
+    acts = torch.where(torch.isfinite(acts_CN), acts_CN, torch.zeros((), dtype=acts_CN.dtype))
+    active = (acts > 0) & finite_C[:, None]
     thr_C = _thresholds(acts, active, config)
-    # nonzero of the transpose: ordered by column, then row
-    cols, rows = (active & (acts > thr_C)).T.nonzero(as_tuple=True)
-    vals = acts[rows, cols].to(torch.float64)
+    cols, rows = (active & (acts > thr_C[:, None])).nonzero(as_tuple=True)  # by column, row
+    vals = acts[cols, rows].to(torch.float64)
     start_C = torch.searchsorted(cols, torch.arange(c + 1))
     images = [rows[start_C[j] : start_C[j + 1]] for j in range(c)]
     weights = [vals[start_C[j] : start_C[j + 1]] for j in range(c)]
-    return images, weights, finite_C, active.sum(dim=0)
+    return images, weights, finite_C, active.sum(dim=1)
 
 
 def select_images(
@@ -200,7 +202,7 @@ def select_images(
             # sorted by value (descending) then image (ascending): the selection is a prefix
             v32 = v.float()
             n_active[c] = n = int((v32 > 0).sum())
-            thr = _thresholds(v32[:n, None], torch.ones(n, 1, dtype=torch.bool), config)
+            thr = _thresholds(v32[None, :n], torch.ones(1, n, dtype=torch.bool), config)
             k = int((v32[:n] > thr).sum())
             per_concept_images.append(im[:k])
             per_concept_weights.append(v[:k].double())
