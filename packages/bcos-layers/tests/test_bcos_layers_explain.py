@@ -358,3 +358,23 @@ def test_wrt_output_modified_in_place_through_another_reference_is_refused() -> 
     model = _TapThenScaleInPlace().eval()
     with pytest.raises(RuntimeError, match=r"output of module 'tap' was modified in place"):
         explain(model, _x(2), 1, wrt="tap")
+
+
+class LogitLayer(nn.Module):  # same name and attributes as ours, another forward
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_bias, self.logit_temperature = 1.5, None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return 2 * z + self.logit_bias
+
+
+def test_a_foreign_layer_named_logitlayer_is_left_alone_with_a_warning() -> None:
+    model = nn.Sequential(nn.Flatten(), bcos_layers.BcosLinear(6 * 4 * 4, 3), LogitLayer()).eval()
+    x = _x(2, size=4)
+    with pytest.warns(UserWarning, match="does not compute x / logit_temperature"):
+        ex = explain(model, x, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ex.value, model(x)[:, 1])  # the output was not altered
+    assert torch.equal(ex.bias, torch.zeros(2))
+    torch.testing.assert_close(ex.completeness_error, torch.full((2,), 1.5))

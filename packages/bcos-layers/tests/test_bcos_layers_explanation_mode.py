@@ -69,6 +69,36 @@ def test_swapped_head_is_explained() -> None:
     )
 
 
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_head_swapped_inside_the_block_is_explained_and_restored() -> None:
+    """``model.fc = new`` inside ``with explanation_mode(model)``: the next forward switches it."""
+    torch.manual_seed(0)
+    model = bcos_layers.create("tiny_resnet")
+    new_head = BcosConv2d(model.num_features, 10, kernel_size=1)
+    x = _x()
+    with model.explanation_mode():
+        model.fc = new_head
+        xg = x.clone().requires_grad_(True)
+        out = model(xg)
+        assert new_head.is_in_explanation_mode
+        (w,) = torch.autograd.grad(out[:, 3].sum(), xg)
+        with explanation_mode(model, active=False):  # an inner "off" block wins, then restores
+            model(x)
+            assert not new_head.is_in_explanation_mode
+        assert new_head.is_in_explanation_mode
+    assert not any(_states(model))
+    # the gradient taken inside the block is the exact dynamic linear map W(x) of the new head
+    ex = bcos_layers.explain(model, x, 3)
+    torch.testing.assert_close(w, ex.weights, rtol=1e-5, atol=1e-7 * float(ex.weights.abs().max()))
+    # ... which is not the plain gradient
+    xp = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(model(xp)[:, 3].sum(), xp)
+    assert not torch.allclose(plain, ex.weights, rtol=1e-2, atol=0.0)
+
+
 def test_official_library_misses_swapped_head() -> None:
     """Documents the upstream bug our context manager fixes (bcos 0.1.3 caches the list)."""
     pretrained = importlib.import_module(

@@ -192,3 +192,26 @@ def test_official_explain_batch_one_agrees(pair) -> None:
     ex = explain(ours, x)
     assert int(ex.target[0]) == res["explained_class_idx"]
     assert torch.equal(ex.contribution_map, res["contribution_map"].detach())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vitc_ti_patch1_14"])
+def test_explain_on_official_models_separates_their_bias_and_pos_emb(name: str) -> None:
+    """explain() on a ``bcos`` model: the official LogitLayer's -log(999) is reported as ``bias``
+    (not as completeness error) and the official ViT's positional embedding as ``pos_emb``."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = getattr(bcos_pretrained, name)(pretrained=False).eval()
+    _calibrate(ref, torch.Generator().manual_seed(1))
+    x = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(2))
+    ex = explain(ref, x)
+    torch.testing.assert_close(ex.bias, torch.full((2,), -math.log(999)))
+    scale = float(ex.contributions.abs().flatten(1).sum(1).max())
+    assert ex.completeness_error.abs().max() <= 1e-5 * max(scale, 1.0)
+    if name.startswith("vit"):
+        assert ex.pos_emb.abs().min() > 1e-2  # a real share, reported separately
+    else:
+        assert torch.equal(ex.pos_emb, torch.zeros(2))
+    # the weights are the official explanation-mode input gradient
+    w_ref = _official_input_grad(ref, x, lambda out: out.gather(1, ex.target[:, None]))
+    assert torch.equal(ex.weights, w_ref)

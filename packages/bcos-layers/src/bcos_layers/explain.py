@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -120,6 +121,20 @@ class _StopForward(Exception):
     """Raised by a hook once the explained activation exists: the rest is not needed."""
 
 
+def _is_logit_layer(m: nn.Module) -> bool:
+    """Ours, or one with the same interface (``bcos.modules.logitlayer.LogitLayer``, bcos 0.1.3)."""
+    return isinstance(m, LogitLayer) or (
+        type(m).__name__ == "LogitLayer"
+        and hasattr(m, "logit_bias")
+        and hasattr(m, "logit_temperature")
+    )
+
+
+def _is_pos_emb(m: nn.Module) -> bool:
+    """Ours, or the official ViT's ``bcos.models.vit.PosEmbSinCos2d`` (same forward)."""
+    return isinstance(m, PosEmbSinCos2d) or type(m).__name__ == "PosEmbSinCos2d"
+
+
 def _find_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
@@ -155,7 +170,10 @@ def explain(
     """Explain one scalar per sample of a B-cos ``model`` (in eval mode) on the batch ``x``.
 
     Args:
-        model: a B-cos model (any module with explanation-mode layers, official ones included).
+        model: a B-cos model (any module with explanation-mode layers). Models of the
+            official ``bcos`` package work too: their ``LogitLayer`` and ``PosEmbSinCos2d``
+            are recognised (by class name and interface), so ``bias`` and ``pos_emb`` are
+            reported as for ours.
         x: the input batch, e.g. ``[B, 6, H, W]``; not modified.
         target: class to explain for every sample (int), per sample (``[B]``), or ``None`` for
             the predicted class. Only for logits (``layer is None`` and ``fn is None``).
@@ -196,15 +214,25 @@ def explain(
     wrt_capture: list[CapturedOutput] = []
     handles = []
 
-    def logit_hook(mod: LogitLayer, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+    def logit_hook(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
         if mod.logit_bias is None:
             return None
         z = inputs[0]
         if mod.logit_temperature is not None:
             z = z / mod.logit_temperature
-        leaf = torch.full_like(z, mod.logit_bias).requires_grad_(True)
+        leaf = torch.full_like(z, float(mod.logit_bias)).requires_grad_(True)
+        replaced = z + leaf
+        if not torch.equal(replaced.detach(), out.detach()):  # another layer with this name
+            warnings.warn(
+                f"{type(mod).__module__}.{type(mod).__name__} does not compute "
+                "x / logit_temperature + logit_bias; its bias is not separated and counts "
+                "towards completeness_error",
+                UserWarning,
+                stacklevel=2,
+            )
+            return None
         bias_leaves.append(leaf)
-        return z + leaf
+        return replaced
 
     def pe_hook(mod: PosEmbSinCos2d, inputs: tuple[Tensor, ...], pe: Tensor) -> Tensor:
         leaf = pe.expand(inputs[0].shape[0], *pe.shape).clone().requires_grad_(True)
@@ -226,9 +254,9 @@ def explain(
 
     try:
         for m in model.modules():
-            if isinstance(m, LogitLayer):
+            if _is_logit_layer(m):
                 handles.append(m.register_forward_hook(logit_hook))
-            elif isinstance(m, PosEmbSinCos2d):
+            elif _is_pos_emb(m):
                 handles.append(m.register_forward_hook(pe_hook))
         if wrt is not None:
             handles.append(_find_module(model, wrt).register_forward_hook(capture_wrt))
