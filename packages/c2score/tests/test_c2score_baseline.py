@@ -1,5 +1,7 @@
 """The random-concept baseline: thresholded (not floored) uniform maps; ~0 for centred noise."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def test_random_map_is_a_threshold_not_a_floor() -> None:
         level = float(nz.min()) if len(nz) else 1.0
         assert abs(frac_zero - level) < 0.06
         assert float(nz.max()) <= 1.0
-        assert w == pytest.approx(float(a.mean()))
+        assert w == pytest.approx(float(a.double().sum()))  # the authors' attr.sum()
         zero_fracs.append(float((a == 0).float().mean()))
     # the level is U(0, 1), so the dropped fraction is too: its mean is ~1/2, spread wide
     fr = torch.tensor(zero_fracs)
@@ -38,6 +40,50 @@ def test_random_maps_are_reproducible_per_seed_and_image() -> None:
     d, _ = random_attribution(1, 6, (8, 8))
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
     assert random_attribution(0, 0, (4, 4), weight="uniform")[1] == 1.0
+    a, w = random_attribution(0, 0, (4, 4), weight="mean")
+    assert w == pytest.approx(float(a.mean()))
+
+
+def _direct_baseline(
+    feats: list[torch.Tensor], seed: int, weight: Callable[[torch.Tensor], float]
+) -> float:
+    """Eq. 14-15 for the random concept by hand: global centring, one embedding per image."""
+    mu = torch.stack([f.double().mean(dim=(1, 2)) for f in feats]).mean(dim=0)
+    embs, ws = [], []
+    for i, f in enumerate(feats):
+        a, _ = random_attribution(seed, i, tuple(f.shape[-2:]))
+        a = a.double()
+        if a.sum() > 0:
+            embs.append((a[None] * f.double()).sum(dim=(1, 2)) / a.sum() - mu)
+            ws.append(weight(a))
+    return pairwise_consistency_dense(torch.stack(embs), torch.tensor(ws))
+
+
+def test_baseline_weight_is_the_map_sum_also_with_mixed_image_sizes() -> None:
+    """sum(A) and mean(A) differ by the pixel count, so they disagree once sizes differ."""
+    g = torch.Generator().manual_seed(4)
+    sizes = [(6, 6), (16, 12)] * 15
+    feats = [torch.randn(5, h, w, generator=g) + (i % 3) for i, (h, w) in enumerate(sizes)]
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    n = len(images)
+    oracle = OracleFeatures(feats, dim=5)
+    acts, maps = torch.zeros(n, 1), torch.zeros(n, 1, 4, 4)
+    res = {
+        weight: evaluate_c2(
+            images,
+            acts,
+            maps,
+            oracle,
+            EvalConfig(progress=False, baseline=RandomBaselineConfig(weight=weight)),
+        )
+        for weight in ("mass", "mean")
+    }
+    for seed in (0, 1, 2):
+        by_sum = _direct_baseline(feats, seed, lambda a: float(a.sum()))
+        by_mean = _direct_baseline(feats, seed, lambda a: float(a.mean()))
+        assert res["mass"].baseline_per_seed[seed] == pytest.approx(by_sum, abs=1e-6)
+        assert res["mean"].baseline_per_seed[seed] == pytest.approx(by_mean, abs=1e-6)
+        assert abs(by_sum - by_mean) > 1e-3  # the two weightings really differ here
 
 
 def test_baseline_is_near_zero_for_centred_random_features_even_with_an_offset() -> None:

@@ -66,12 +66,16 @@ def _data(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor
     return images, acts, maps
 
 
-def _reference(images, acts, maps, extractor, sel_cfg, seeds):
-    """Eq. 13-16 computed directly: all features in memory, explicit loops, N x N pairs."""
+def _reference(images, acts, maps, extractor, sel_cfg, seeds, relu_first=True):
+    """Eq. 13-16 computed directly: all features in memory, explicit loops, N x N pairs.
+
+    Maps are clipped at 0 and then resized, as the authors do (``relu_first=False``: resized,
+    then clipped)."""
     feats = torch.cat([extractor._feats(im[None]) for im in images]).double()
     mu = feats.mean(dim=(0, 2, 3))
     centred = feats - mu[None, :, None, None]
-    up = torch.nn.functional.interpolate(maps.float(), size=(H, W), mode="bilinear").double()
+    maps = maps.float().clamp_min(0) if relu_first else maps.float()
+    up = torch.nn.functional.interpolate(maps, size=(H, W), mode="bilinear").double()
 
     def consistency(pairs):
         num = den = 0.0
@@ -119,6 +123,44 @@ def test_streaming_equals_direct_reference() -> None:
     assert res.skipped_concepts["too_few_images"] == [4]
     assert res.skipped_pairs == {"empty_attribution": 1}
     assert res.n_images_used == N
+
+
+def test_maps_are_clipped_before_resizing_unless_asked_otherwise() -> None:
+    images, acts, maps = _data(8)
+    sel_cfg = SelectionConfig()
+    ext = TinyExtractor()
+    runs = {
+        order: evaluate_c2(
+            images, acts, maps, ext, EvalConfig(progress=False, relu_before_resize=order)
+        )
+        for order in (True, False)
+    }
+    for order, res in runs.items():
+        scores, _ = _reference(images, acts, maps, ext, sel_cfg, (0,), relu_first=order)
+        assert res.concept_ids == sorted(scores)
+        for c, v in zip(res.concept_ids, res.consistency):
+            assert v == pytest.approx(scores[c], abs=1e-5)
+    # the two orders really differ on these half-resolution maps with negative values
+    assert max(abs(a - b) for a, b in zip(runs[True].consistency, runs[False].consistency)) > 1e-3
+    # random-concept maps are at image resolution: the order does not matter for them
+    assert runs[True].baseline_per_seed == pytest.approx(runs[False].baseline_per_seed, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"map_chunk": 0}, "map_chunk must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be a positive integer"),
+        ({"device": "gpu"}, "not a torch device"),
+    ],
+)
+def test_bad_eval_config_is_refused_on_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(**kwargs)
+    with pytest.raises(TypeError, match="SelectionConfig"):
+        EvalConfig(selection={"min_top": 5})  # type: ignore[arg-type]
 
 
 def _assert_same(a, b) -> None:

@@ -88,7 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-top", type=int, default=10)
     p.add_argument("--min-images", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random baseline")
-    p.add_argument("--baseline-weight", choices=["mass", "uniform"], default="mass")
+    p.add_argument(
+        "--baseline-weight",
+        choices=["mass", "mean", "uniform"],
+        default="mass",
+        help="random-concept weight: sum of its map (the authors'), its mean, or 1",
+    )
+    p.add_argument(
+        "--resize-then-relu",
+        action="store_true",
+        help="resize attribution maps before clipping them at 0 (default: clip first, as the "
+        "authors)",
+    )
     p.add_argument(
         "--baseline-groups",
         default=None,
@@ -109,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             device=args.device,
             progress=not args.no_progress,
+            relu_before_resize=not args.resize_then_relu,
         )
         images = ImageFolder(args.images, resize=args.resize or None, crop=args.crop or None)
         result = evaluate_c2(

@@ -57,14 +57,18 @@ from c2score.selection import Selection, SelectionConfig, select_images
 __all__ = ["EvalConfig", "evaluate_c2"]
 
 _STATE = "state.safetensors"
+_FORMAT = 2
+"""Version of what a work directory holds; part of the fingerprint, so that a directory
+written under other rules (v1: top-k selection, mean(A) baseline weight, resize before relu)
+is refused instead of mixed with new embeddings."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Settings of :func:`evaluate_c2`."""
+    """Settings of :func:`evaluate_c2` (validated on construction)."""
 
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    """Which images each concept is scored on (top 5 %, at least 10, skip below 5)."""
+    """Which images each concept is scored on (the authors' top 5 %, at least 10; skip below 5)."""
     baseline: RandomBaselineConfig = field(default_factory=RandomBaselineConfig)
     """Random-concept baseline (3 seeds by default)."""
     batch_size: int = 8
@@ -77,6 +81,32 @@ class EvalConfig:
     """Attribution maps embedded per matrix product (bounds memory at chunk x H x W)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    relu_before_resize: bool = True
+    """Clip attribution maps at 0 before resizing them to the image (the authors' order:
+    ``clip(grad * img, 0)``, then bilinear resizing in their minimal version); False resizes
+    first and clips after (which lets negative evidence bleed into neighbouring pixels)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.selection, SelectionConfig):
+            raise TypeError(f"selection must be a SelectionConfig, got {self.selection!r}")
+        if not isinstance(self.baseline, RandomBaselineConfig):
+            raise TypeError(f"baseline must be a RandomBaselineConfig, got {self.baseline!r}")
+        for name in ("batch_size", "checkpoint_every", "map_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EvalConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("progress", "relu_before_resize"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"EvalConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"EvalConfig.device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', "
+                f"'cuda:1'): {e}"
+            ) from None
 
 
 class _Pass:
@@ -177,7 +207,8 @@ def _fingerprint(selection: Selection, dim: int, config: EvalConfig, group_N: to
     for t in (selection.concept_ids, selection.pair_image, selection.pair_slot, group_N):
         h.update(t.numpy().tobytes())
     h.update(selection.pair_weight.numpy().tobytes())
-    h.update(json.dumps([dim, selection.n_images, asdict(config.baseline)]).encode())
+    settings = [_FORMAT, dim, selection.n_images, asdict(config.baseline)]
+    h.update(json.dumps([*settings, config.relu_before_resize]).encode())
     return h.hexdigest()[:32]
 
 
@@ -286,7 +317,10 @@ def _check_cache_owner(cache: Path, extractor: object) -> None:
 
 
 def _embed(maps_KHW: torch.Tensor, feats_DHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 14 on uncentred features: (embeddings K x D, valid K) with relu'd maps as weights."""
+    """Eq. 14 on uncentred features: (embeddings K x D, valid K) with relu'd maps as weights.
+
+    The clip here is a no-op for maps clipped before resizing (the default) and the clip of
+    resized maps otherwise."""
     a = maps_KHW.clamp_min(0).flatten(1)
     mass = a.sum(dim=1)
     emb = (a @ feats_DHW.flatten(1).T) / mass.clamp_min(torch.finfo(a.dtype).tiny)[:, None]
@@ -520,7 +554,10 @@ def _process_image(
                 f"attributions({i}, {len(s)} concepts) returned {tuple(maps.shape)}; expected "
                 f"({len(s)}, h, w)"
             )
-        maps = resize_maps(maps.to(feats_DHW.device), size)
+        maps = maps.to(feats_DHW.device)
+        if config.relu_before_resize:
+            maps = maps.clamp_min(0)  # NaN / inf survive the clip and are counted below
+        maps = resize_maps(maps, size)
         finite = torch.isfinite(maps).flatten(1).all(dim=1)
         state.pair_skips["non_finite_attribution"] += int((~finite).sum())
         maps = torch.where(finite[:, None, None], maps, torch.zeros((), device=maps.device))
