@@ -98,15 +98,53 @@ def test_bcos_linear_matches_formula_and_explanation_gradient() -> None:
     assert not torch.allclose(torch.autograd.functional.jacobian(layer, xg)[0, :, 0], jac)
 
 
-def test_bcos_layers_are_dynamic_linear_in_explanation_mode() -> None:
-    """out = W(x) x with W(x) = ∂out/∂x in explanation mode (exactly, no bias)."""
+def _dynamic_weight(
+    layer: BcosConv2d, x: torch.Tensor, o: int, i: int, j: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """By hand: W(x) of output (o, i, j) of a 3x3/s1/p1 B-cos conv, and the plain gradient.
+
+    W = |cos|^(B-1) ŵ on the patch (cos = ŵᵀp / ||p||, ŵ the winning MaxOut filter, with the
+    1e-6 of the official op order), zero elsewhere. The plain gradient also differentiates
+    |cos|^(B-1):  ∂out/∂p = |cos|^(B-1) ŵ + (B-1) |cos|^(B-2) sign(cos) lin ∂cos/∂p.
+    """
+    b, m = layer.b, layer.max_out
+    xp = F.pad(x, (1, 1, 1, 1))[0, :, i : i + 3, j : j + 3]  # the patch (rows i-1..i+1)
+    filters = layer.linear.weight.detach()[o * m : (o + 1) * m]
+    w_hat = filters / filters.flatten(1).norm(dim=1)[:, None, None, None]
+    lins = (w_hat * xp).flatten(1).sum(1)
+    w_hat, lin = w_hat[lins.argmax()], lins.max()
+    norm = (xp.pow(2).sum() + 1e-6).sqrt()
+    cos = lin / norm
+    a = cos.abs() + (1e-6 if b != 2 else 0.0)
+    dcos = w_hat / norm - lin * xp / norm**3
+    plain_patch = a ** (b - 1) * w_hat + (b - 1) * a ** (b - 2) * cos.sign() * lin * dcos
+    out = []
+    for patch in (a ** (b - 1) * w_hat, plain_patch):
+        full = torch.zeros_like(F.pad(x, (1, 1, 1, 1)))
+        full[0, :, i : i + 3, j : j + 3] = patch
+        out.append(full[:, :, 1:-1, 1:-1])
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize(("b", "max_out"), [(2.0, 1), (2.5, 2)])
+def test_explanation_mode_gradient_is_the_detached_dynamic_weight(b: float, max_out: int) -> None:
+    """In explanation mode ∂out/∂x is W(x) = |cos|^(B-1) ŵ (dynamic factor detached); with the
+    mode off it is the full derivative, which differs. (Both satisfy ``(∂out/∂x · x).sum() ==
+    out``, since the layer is positively homogeneous: that identity cannot tell them apart.)"""
     torch.manual_seed(0)
-    layer = BcosConv2d(3, 2, 3, padding=1, b=2.5, max_out=2).double()
-    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, generator=_gen()).requires_grad_(True)
-    with explanation_mode(layer):
-        out = layer(x)
-        g = torch.autograd.grad(out[0, 1, 2, 3], x)[0]
-    torch.testing.assert_close((g * x).sum(), out[0, 1, 2, 3].detach())
+    layer = BcosConv2d(3, 2, 3, padding=1, b=b, max_out=max_out).double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, generator=_gen())
+    for o, i, j in [(1, 2, 3), (0, 0, 0), (1, 4, 1)]:  # interior, corner, edge (zero padding)
+        w_expected, plain_expected = _dynamic_weight(layer, x, o, i, j)
+        xg = x.clone().requires_grad_(True)
+        with explanation_mode(layer):
+            out = layer(xg)[0, o, i, j]
+            (w,) = torch.autograd.grad(out, xg)
+        torch.testing.assert_close(w, w_expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close((w * x).sum(), out.detach())  # dynamic linear: W(x) x
+        (plain,) = torch.autograd.grad(layer(xg)[0, o, i, j], xg)
+        torch.testing.assert_close(plain, plain_expected, rtol=1e-10, atol=1e-12)
+        assert (plain - w).abs().max() > 1e-3 * w.abs().max()
 
 
 def test_uncentered_batchnorm_eval_train_and_keys() -> None:
