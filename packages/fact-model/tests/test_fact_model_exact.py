@@ -174,3 +174,30 @@ def test_state_dict_round_trip_and_torch_compile() -> None:
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
         compiled = torch.compile(a, backend="eager")
         torch.testing.assert_close(compiled(x), a(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bcos_channels_baseline_is_exact_in_the_original_network(family: str) -> None:
+    from fact_model.explain import channel_attributions, channel_contributions
+
+    model = fact(family)
+    layer = model.layers[-1]
+    x = images(3, seed=8)
+    out = channel_contributions(model, x, layer=layer)
+    with torch.no_grad(), model.bcos_mode():
+        torch.testing.assert_close(model(x).gather(1, out.targets), out.logits)
+    with torch.no_grad():  # the FaCT logits differ: the channels explain the B-cos network
+        assert float((model(x).gather(1, out.targets) - out.logits).abs().max()) > 1e-5
+    _assert_exact(
+        out.completeness_error, out.logits, out.contributions.abs().sum(2), dtype=torch.float32
+    )
+    top = out.presence.abs().topk(2, dim=1).indices
+    att = channel_attributions(model, x, top, layer=layer)
+    torch.testing.assert_close(att.value, out.presence.gather(1, top))
+    _assert_exact(
+        att.completeness_error,
+        att.value,
+        att.attributions.abs().flatten(2).sum(2),
+        att.pos_emb,
+        dtype=torch.float32,
+    )

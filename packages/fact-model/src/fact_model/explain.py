@@ -35,6 +35,8 @@ __all__ = [
     "ConceptAttributions",
     "ConceptContributions",
     "CrossLayerContributions",
+    "channel_attributions",
+    "channel_contributions",
     "concept_attributions",
     "concept_contributions",
     "contribution_attributions",
@@ -222,6 +224,32 @@ def _leaf_term(leaves: list[Tensor], grads: Sequence[Tensor | None], like: Tenso
     return total
 
 
+def _to_input(
+    x: Tensor, xg: Tensor, value_BM: Tensor, pes: list[Tensor], keep_weights: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Backpropagate each column of ``value_BM`` (in the graph of ``xg``) to the input: pixel
+    contributions ``(B, M, H, W)``, optionally ``W(x)`` ``(B, M, C, H, W)``, and the constant
+    positional-embedding term ``(B, M)``."""
+    b, m = value_BM.shape
+    maps, weights, pe_terms = [], [], []
+    for j in range(m):
+        grads = torch.autograd.grad(
+            value_BM[:, j].sum(), [xg, *pes], retain_graph=j + 1 < m, allow_unused=True
+        )
+        w = grads[0] if grads[0] is not None else torch.zeros_like(xg)
+        maps.append((x * w).sum(1))
+        if keep_weights:
+            weights.append(w)
+        pe_terms.append(_leaf_term(pes, grads[1:], x))
+    if not m:
+        return x.new_zeros(b, 0, *x.shape[2:]), None, x.new_zeros(b, 0)
+    return (
+        torch.stack(maps, 1),
+        torch.stack(weights, 1) if keep_weights else None,
+        torch.stack(pe_terms, 1),
+    )
+
+
 # ----------------------------------------------------------------------------- Eq. 9
 def concept_contributions(
     model: FaCT,
@@ -273,7 +301,6 @@ def _attribute(
     info = model.layer_info(layer)
     b = x.shape[0]
     ids = _concept_ids(concepts, b, info.n_latents, x.device)
-    m = ids.shape[1]
     xg = x.clone().requires_grad_(True)
     with torch.enable_grad(), model.explanation_mode(), _position_leaves(model.backbone) as pes:
         out = model.forward_with_codes(
@@ -293,29 +320,10 @@ def _attribute(
             per_entry = values  # Eq. 10: uniform sum over positions
         explained = scatter_concepts(code, per_entry, info.n_latents)  # (B, n), in the graph
         value = explained.gather(1, ids)  # (B, M)
-        maps, weights, pe_terms = [], [], []
-        for j in range(m):
-            grads = torch.autograd.grad(
-                value[:, j].sum(), [xg, *pes], retain_graph=j + 1 < m, allow_unused=True
-            )
-            w = grads[0] if grads[0] is not None else torch.zeros_like(xg)
-            maps.append((x * w).sum(1))
-            if keep_weights:
-                weights.append(w)
-            pe_terms.append(_leaf_term(pes, grads[1:], x))
-    attributions = torch.stack(maps, 1) if m else x.new_zeros(b, 0, *x.shape[2:])
-    pos_emb = torch.stack(pe_terms, 1) if m else x.new_zeros(b, 0)
+        attributions, weights, pos_emb = _to_input(x, xg, value, pes, keep_weights)
     value = value.detach()
     error = value - attributions.flatten(2).sum(2) - pos_emb
-    return ConceptAttributions(
-        info.name,
-        ids,
-        value,
-        attributions,
-        torch.stack(weights, 1) if keep_weights and m else None,
-        pos_emb,
-        error,
-    )
+    return ConceptAttributions(info.name, ids, value, attributions, weights, pos_emb, error)
 
 
 def concept_attributions(
@@ -389,3 +397,73 @@ def cross_layer_contributions(
     presence = presence.detach()
     error = presence - contributions.sum(2)
     return CrossLayerContributions(early, late, ids, presence, contributions, error)
+
+
+# ----------------------------------------------------------------------------- B-cos channels
+def _positions_sum(features: Tensor) -> Tensor:
+    """(B, C) per-channel sum over positions of a map (B, C, H, W) or tokens (B, T, C)."""
+    return features.sum((2, 3)) if features.ndim == 4 else features.sum(1)
+
+
+def channel_contributions(
+    model: FaCT,
+    x: Tensor,
+    targets: int | Sequence[int] | Tensor | None = None,
+    *,
+    layer: str | None = None,
+) -> ConceptContributions:
+    """The paper's baseline concept set: the B-cos network's own channels at ``layer``.
+
+    In the original B-cos model (SAEs bypassed) the logit is exactly the sum over channels of
+    ``sum_{positions} f_c * d logit / d f_c`` (B-cos layer-level completeness); same result
+    type as :func:`concept_contributions`, with channels in place of concepts. ``presence`` is
+    the channel summed over positions (B-cos channels can be negative).
+    """
+    x = _check_images(model, x)
+    name = model.layer_info(layer).name
+    with torch.enable_grad(), model.bcos_mode(), model.explanation_mode():
+        out = model.forward_with_codes(x, layers=[name], leaf_codes=True)
+        assert out.logits is not None
+        feats = out.features[name]
+        tgt = _targets(targets, out.logits)
+        contribs = []
+        for t in range(tgt.shape[1]):
+            y = out.logits.gather(1, tgt[:, t : t + 1]).sum()
+            (g,) = torch.autograd.grad(y, feats, retain_graph=t + 1 < tgt.shape[1])
+            contribs.append(_positions_sum(feats.detach() * g))
+    logits = out.logits.detach()
+    explained = logits.gather(1, tgt)
+    contributions = torch.stack(contribs, dim=1)
+    bias = model.logit_bias
+    error = explained - bias - contributions.sum(2)
+    presence = _positions_sum(feats.detach())
+    return ConceptContributions(name, tgt, explained, bias, contributions, presence, error, logits)
+
+
+def channel_attributions(
+    model: FaCT,
+    x: Tensor,
+    channels: int | Sequence[int] | Tensor,
+    *,
+    layer: str | None = None,
+    keep_weights: bool = True,
+) -> ConceptAttributions:
+    """Eq. 12 for B-cos channels: input attribution of each channel summed over positions, in
+    the original B-cos model (SAEs bypassed)."""
+    x = _check_images(model, x)
+    name = model.layer_info(layer).name
+    xg = x.clone().requires_grad_(True)
+    with (
+        torch.enable_grad(),
+        model.bcos_mode(),
+        model.explanation_mode(),
+        _position_leaves(model.backbone) as pes,
+    ):
+        feats = model.forward_with_codes(xg, layers=[name], stop_after=name).features[name]
+        presence = _positions_sum(feats)
+        ids = _concept_ids(channels, x.shape[0], presence.shape[1], x.device)
+        value = presence.gather(1, ids)
+        attributions, weights, pos_emb = _to_input(x, xg, value, pes, keep_weights)
+    value = value.detach()
+    error = value - attributions.flatten(2).sum(2) - pos_emb
+    return ConceptAttributions(name, ids, value, attributions, weights, pos_emb, error)

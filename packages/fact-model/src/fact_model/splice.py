@@ -47,8 +47,9 @@ class Recorder:
     """What one forward pass should keep (or substitute) at one :class:`ConceptLayer`.
 
     Attributes:
-        leaf_codes: make the code values a fresh autograd leaf (``requires_grad``): gradients of
-            downstream values w.r.t. the codes, without a graph through the backbone prefix.
+        leaf_codes: make the code values (in bypass mode: the features) a fresh autograd leaf
+            (``requires_grad``): gradients of downstream values w.r.t. the codes, without a
+            graph through the backbone prefix.
         stop: raise :class:`StopForward` after recording (nothing downstream is computed).
         features: recorded module output (what the SAE encodes), set by the forward pass.
         code: recorded sparse code (values ``(B, K, H, W)`` / ``(B, T, K)``).
@@ -196,6 +197,8 @@ class ConceptLayer(nn.Module):
         if self.bypass:
             if rec is None:
                 return features
+            if rec.leaf_codes:  # in B-cos mode the channels are the concepts
+                features = features.detach().requires_grad_(True)
             rec.features = features
             if rec.stop:
                 raise StopForward
