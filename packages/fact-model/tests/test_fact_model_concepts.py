@@ -44,8 +44,9 @@ def test_head_of_codes_is_the_model_and_contributions_are_exact(family: str, kin
 
 
 def test_head_refuses_a_layer_off_the_forward_chain() -> None:
-    from fact_model import FaCT
     from fact_model_helpers import backbone, channels
+
+    from fact_model import FaCT
     from topk_sae import BiasFreeTopKSAE
 
     inner = "layer3.0.bn3"  # inside a residual block: its output alone does not give the logits
@@ -69,7 +70,7 @@ def test_c2_inputs_and_oracle_c2_score() -> None:
     model = fact("resnet")
     data = _dataset(12, seed=12)
     concepts = LayerConcepts(model, "layer3")
-    imgs, table, source, labels = c2_inputs(concepts, data, batch_size=5, progress=False)
+    imgs, table, source, _labels = c2_inputs(concepts, data, batch_size=5, progress=False)
     assert len(imgs) == 12 and table.n_images == 12 and table.n_concepts == concepts.n_concepts
     # The table holds the positive presences of every image.
     x = torch.stack([data[i][0] for i in range(12)])
