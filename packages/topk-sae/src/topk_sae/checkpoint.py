@@ -2,7 +2,7 @@
 
 Layout under ``<out_dir>/checkpoints/``::
 
-    step-00000120/            one complete checkpoint (written as .tmp-..., then renamed)
+    step-00000120/            one complete checkpoint (written as .tmp-step-...-XXXX, renamed)
         model.safetensors     W_enc, W_dec, input_scale
         optimizer.safetensors Adam moments and step counts ("<param index>.<name>")
         trainer.safetensors   dead-latent counters and the epoch's firing counts
@@ -16,7 +16,6 @@ writing) resumes from the last complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,7 +24,14 @@ from typing import Any
 
 import torch
 
-from topk_sae.hub import atomic_save_tensors, atomic_write_text, load_tensors
+from topk_sae.fileio import (
+    atomic_save_tensors,
+    atomic_write_json,
+    fsync_directory,
+    load_tensors,
+    read_json,
+    unique_temp_dir,
+)
 
 CHECKPOINT_VERSION = 1
 
@@ -95,10 +101,7 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}"
         final = self.root / name
-        tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp = unique_temp_dir(self.root, prefix=f".tmp-{name}-")
         opt_tensors, groups = _optimizer_to_files(optimizer_state)
         atomic_save_tensors(model_tensors, tmp / "model.safetensors")
         atomic_save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -109,11 +112,12 @@ class CheckpointManager:
             **state,
             "optimizer_param_groups": groups,
         }
-        atomic_write_text(tmp / "state.json", json.dumps(full_state, indent=1))
+        atomic_write_json(tmp / "state.json", full_state, indent=1)
         if final.exists():  # a re-run of the same step after a crash: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        atomic_write_text(self.pointer, json.dumps({"dir": name, "step": step}))
+        fsync_directory(self.root)  # the rename is durable before latest.json names it
+        atomic_write_json(self.pointer, {"dir": name, "step": step})
         self._cleanup(keep_name=name)
         return final
 
@@ -128,13 +132,16 @@ class CheckpointManager:
     def latest_path(self) -> Path | None:
         if not self.pointer.is_file():
             return None
-        return self.root / json.loads(self.pointer.read_text(encoding="utf-8"))["dir"]
+        pointer = read_json(self.pointer)
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("dir"), str):
+            raise ValueError(f"{self.pointer} does not name a checkpoint directory: {pointer!r}")
+        return self.root / pointer["dir"]
 
     def load_latest(self) -> Checkpoint | None:
         path = self.latest_path()
         if path is None:
             return None
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = read_json(path / "state.json")
         if state.get("checkpoint_version") != CHECKPOINT_VERSION:
             raise ValueError(
                 f"{path}: checkpoint version {state.get('checkpoint_version')} is not supported"

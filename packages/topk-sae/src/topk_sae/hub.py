@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from topk_sae.fileio import atomic_save_tensors, atomic_write_text, load_tensors, read_json
 
 if TYPE_CHECKING:
     from topk_sae.sae import BiasFreeTopKSAE
@@ -25,40 +24,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file onto the CPU (no pickle involved)."""
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
 
 
 def model_card(model: BiasFreeTopKSAE, metadata: dict[str, Any] | None) -> str:
@@ -179,7 +144,7 @@ def from_pretrained(
     """Load strictly from a local directory or a Hub repository id (never unpickles)."""
     config_path = _resolve(name_or_path, CONFIG_NAME, revision, cache_dir, token)
     weights_path = _resolve(name_or_path, WEIGHTS_NAME, revision, cache_dir, token)
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path)
     model = model_from_config(config)
     load_state_strict(model, load_tensors(weights_path), str(weights_path))
     scale = float(model.input_scale)

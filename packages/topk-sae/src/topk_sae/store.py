@@ -34,8 +34,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from topk_sae.fileio import atomic_save_tensors, atomic_write_json
 
 __all__ = [
     "FeatureStoreWriter",
@@ -78,15 +79,6 @@ class ShardInfo(NamedTuple):
 
 def _shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _json_roundtrip(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,7 +259,7 @@ class FeatureStoreWriter:
                 "attributes": _json_roundtrip(attributes or {}),
             }
         self._remove_leftovers()
-        _atomic_write_json(self.path / MANIFEST_NAME, self._manifest)
+        atomic_write_json(self.path / MANIFEST_NAME, self._manifest, indent=1)
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -363,15 +355,10 @@ class FeatureStoreWriter:
         tensors = self._take_pending(count)
         shards = self._manifest["shards"]
         name = _shard_name(len(shards))
-        final = self.path / name
-        tmp = self.path / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        final = atomic_save_tensors(tensors, self.path / name, metadata={"format": FORMAT_NAME})
         shards.append({"file": name, "num_rows": count, "nbytes": final.stat().st_size})
         self._manifest["num_rows"] += count
-        _atomic_write_json(self.path / MANIFEST_NAME, self._manifest)
+        atomic_write_json(self.path / MANIFEST_NAME, self._manifest, indent=1)
 
     def flush(self) -> None:
         """Write all pending rows now (as a possibly short shard)."""
@@ -384,7 +371,7 @@ class FeatureStoreWriter:
             return
         self.flush()
         self._manifest["complete"] = True
-        _atomic_write_json(self.path / MANIFEST_NAME, self._manifest)
+        atomic_write_json(self.path / MANIFEST_NAME, self._manifest, indent=1)
         self._closed = True
 
     def __enter__(self) -> FeatureStoreWriter:

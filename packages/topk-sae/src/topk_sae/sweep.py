@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from topk_sae.config import TrainConfig
 from topk_sae.data import BatchSource
+from topk_sae.fileio import atomic_write_json, read_json
 from topk_sae.metrics import SAEMetrics, evaluate
 from topk_sae.sae import BiasFreeTopKSAE
 from topk_sae.trainer import TrainingDivergedError, train
@@ -81,12 +82,6 @@ class SweepResult(NamedTuple):
 def run_name(k: int, n_latents: int, lr: float) -> str:
     """Directory name of a grid point, e.g. ``k32-n16384-lr0.001``."""
     return f"k{k}-n{n_latents}-lr{lr:g}"
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
-    os.replace(tmp, path)
 
 
 def _grid_config(base: TrainConfig) -> dict[str, Any]:
@@ -198,7 +193,7 @@ def sweep(
     fixed = _grid_config(base_config)
     recorded: dict[str, dict[str, Any]] = {}
     if results_path.exists():
-        saved = json.loads(results_path.read_text())
+        saved = read_json(results_path)
         if saved.get("version") != RESULTS_VERSION:
             raise ValueError(f"{results_path} has an unknown version {saved.get('version')!r}")
         if saved["base_config"] != json.loads(json.dumps(fixed)):
@@ -213,7 +208,7 @@ def sweep(
         runs = [RunResult(**recorded[n]) for n in names if n in recorded]
         best = select_best(runs, tolerance=tolerance, top=top)
         front = pareto_front(runs)
-        _atomic_write_json(
+        atomic_write_json(
             results_path,
             {
                 "version": RESULTS_VERSION,
@@ -224,6 +219,8 @@ def sweep(
                 "pareto_l0": [r.name for r in front],
                 "tolerance": tolerance,
             },
+            indent=1,
+            allow_nan=True,
         )
         return runs
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from topk_sae.checkpoint import CheckpointManager
 from topk_sae.config import TrainConfig
 from topk_sae.data import BatchSource
-from topk_sae.hub import atomic_write_text, load_state_strict
+from topk_sae.fileio import atomic_write_text
+from topk_sae.hub import load_state_strict
 from topk_sae.sae import BiasFreeTopKSAE, TrainForward
 
 AUXK_MIN_RELATIVE_SPREAD = 1e-6
