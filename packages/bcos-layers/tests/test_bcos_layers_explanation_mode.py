@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
@@ -99,12 +98,10 @@ def test_head_swapped_inside_the_block_is_explained_and_restored() -> None:
     assert not torch.allclose(plain, ex.weights, rtol=1e-2, atol=0.0)
 
 
-def test_official_library_misses_swapped_head() -> None:
+def test_official_library_misses_swapped_head(bcos_oracle) -> None:
     """Documents the upstream bug our context manager fixes (bcos 0.1.3 caches the list)."""
-    pretrained = importlib.import_module(
-        "bcos.models.pretrained"
-    )  # the oracle is in the test group: never skip
-    from bcos.modules import BcosConv2d as OfficialBcosConv2d
+    pretrained = bcos_oracle("bcos.models.pretrained")
+    OfficialBcosConv2d = bcos_oracle("bcos.modules").BcosConv2d
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -4,7 +4,6 @@ input validation."""
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import warnings
 from pathlib import Path
@@ -57,13 +56,9 @@ def test_keys_and_shapes_equal_reference_lists(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet101", "resnet152"])
-def test_other_resnets_match_official_layout(name: str) -> None:
-    resnet = importlib.import_module(
-        "bcos.models.resnet"
-    )  # the oracle is in the test group: never skip
-    norms = importlib.import_module(
-        "bcos.modules.norms"
-    )  # the oracle is in the test group: never skip
+def test_other_resnets_match_official_layout(name: str, bcos_oracle) -> None:
+    resnet = bcos_oracle("bcos.models.resnet")
+    norms = bcos_oracle("bcos.modules.norms")
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         ref = getattr(resnet, name)(norm_layer=norms.NoBias(norms.BatchNormUncentered2d))

@@ -7,9 +7,9 @@ contributions to one intermediate layer must match (in practice bitwise).
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,10 +17,6 @@ from torch import nn
 
 import bcos_layers
 from bcos_layers.explain import explain
-
-bcos_pretrained = importlib.import_module(
-    "bcos.models.pretrained"
-)  # the oracle is in the test group: never skip
 
 TOL = 1e-5  # relative to the logit scale
 SIZES = {"resnet50": 64, "densenet121": 64, "vitc_s_patch1_14": 64}
@@ -43,8 +39,16 @@ def _calibrate(model: nn.Module, gen: torch.Generator) -> None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
 
 
+@pytest.fixture(scope="module")
+def bcos_pretrained(bcos_oracle) -> ModuleType:
+    """The official entry points (skipped / an error without the oracle, see conftest.py)."""
+    return bcos_oracle("bcos.models.pretrained")
+
+
 @pytest.fixture(scope="module", params=sorted(SIZES))
-def pair(request: pytest.FixtureRequest) -> tuple[str, nn.Module, nn.Module]:
+def pair(
+    request: pytest.FixtureRequest, bcos_pretrained: ModuleType
+) -> tuple[str, nn.Module, nn.Module]:
     name = request.param
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -195,7 +199,9 @@ def test_official_explain_batch_one_agrees(pair) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vitc_ti_patch1_14"])
-def test_explain_on_official_models_separates_their_bias_and_pos_emb(name: str) -> None:
+def test_explain_on_official_models_separates_their_bias_and_pos_emb(
+    name: str, bcos_pretrained: ModuleType
+) -> None:
     """explain() on a ``bcos`` model: the official LogitLayer's -log(999) is reported as ``bias``
     (not as completeness error) and the official ViT's positional embedding as ``pos_emb``."""
     torch.manual_seed(0)

@@ -75,8 +75,8 @@ def test_official_table_matches_release() -> None:
         P.OFFICIAL_CHECKPOINTS["resnet50"].url = "x"  # type: ignore[misc]
 
 
-def test_official_urls_agree_with_bcos_library() -> None:
-    from bcos.models.pretrained import URLS
+def test_official_urls_agree_with_bcos_library(bcos_oracle) -> None:
+    URLS = bcos_oracle("bcos.models.pretrained").URLS
 
     assert P.OFFICIAL_CHECKPOINTS["resnet50"].url == URLS["bcos_final"]["resnet_50"]
     assert P.OFFICIAL_CHECKPOINTS["densenet121"].url == URLS["bcos_final"]["densenet_121"]
@@ -346,9 +346,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.skipif(
     os.environ.get("FACT_ONLINE_TESTS") != "1", reason="downloads ~32 MB; set FACT_ONLINE_TESTS=1"
 )
-def test_online_download_real_checkpoint() -> None:
+def test_online_download_real_checkpoint(bcos_oracle) -> None:
     """The real release file: download (or cache), hash, strict load, same logits as bcos."""
-    import bcos.models.pretrained as official
+    official = bcos_oracle("bcos.models.pretrained")
 
     from bcos_layers.models import create
 

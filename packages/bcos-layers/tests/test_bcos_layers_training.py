@@ -31,8 +31,10 @@ def test_logit_bias_gives_uniform_prior() -> None:
 
 
 @pytest.mark.parametrize("off_label", [None, 2e-3])
-def test_loss_matches_official(off_label: float | None) -> None:
-    from bcos.modules.losses import UniformOffLabelsBCEWithLogitsLoss
+def test_loss_matches_official(off_label: float | None, bcos_oracle) -> None:
+    UniformOffLabelsBCEWithLogitsLoss = bcos_oracle(
+        "bcos.modules.losses"
+    ).UniformOffLabelsBCEWithLogitsLoss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 7, generator=g)
@@ -81,9 +83,9 @@ def test_loss_bad_input() -> None:
         UniformOffLabelBCELoss(off_label=1.0)
 
 
-def _official_agc():
+def _official_agc(bcos_oracle):
     """bcos.training.agc without bcos.training/__init__ (which needs pytorch_lightning)."""
-    import bcos
+    bcos = bcos_oracle("bcos")
 
     path = Path(bcos.__file__).parent / "training" / "agc.py"
     spec = importlib.util.spec_from_file_location("_bcos_agc", path)
@@ -93,8 +95,8 @@ def _official_agc():
     return module.adaptive_clip_grad_
 
 
-def test_agc_matches_official() -> None:
-    official = _official_agc()
+def test_agc_matches_official(bcos_oracle) -> None:
+    official = _official_agc(bcos_oracle)
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 6, 3, 3), (10, 16), (16,), (100, 2048, 1, 1), (), (1,)]
     ours = [torch.randn(s, generator=g).requires_grad_() for s in shapes]

@@ -30,8 +30,8 @@ def _image(width: int = 301, height: int = 257, seed: int = 0) -> Image.Image:
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_CHECKPOINTS))
-def test_transform_for_matches_official_config(name: str) -> None:
-    from bcos.experiments.utils import Experiment
+def test_transform_for_matches_official_config(name: str, bcos_oracle) -> None:
+    Experiment = bcos_oracle("bcos.experiments.utils").Experiment
 
     base, exp = OFFICIAL_EXPERIMENTS[name]
     official = Experiment("ImageNet", base, exp).config["data"]["test_transform"]

@@ -29,8 +29,10 @@ def _inputs(
 
 
 @pytest.mark.parametrize(("smooth", "percentile"), [(15, 99.5), (3, 90.0), (0, 99.5), (1, 50.0)])
-def test_explanation_matches_official_per_image_and_batched(smooth: int, percentile: float) -> None:
-    from bcos.common import gradient_to_image
+def test_explanation_matches_official_per_image_and_batched(
+    smooth: int, percentile: float, bcos_oracle
+) -> None:
+    gradient_to_image = bcos_oracle("bcos.common").gradient_to_image
 
     image, weights = _inputs()
     batched = explanation_rgba(image, weights, smooth=smooth, alpha_percentile=percentile)
@@ -49,8 +51,8 @@ def test_explanation_matches_official_per_image_and_batched(smooth: int, percent
     assert bool((raw[..., 3].amax((1, 2)) == 1).all())
 
 
-def test_explanation_of_an_all_zero_map_is_transparent_not_nan() -> None:
-    from bcos.common import gradient_to_image
+def test_explanation_of_an_all_zero_map_is_transparent_not_nan(bcos_oracle) -> None:
+    gradient_to_image = bcos_oracle("bcos.common").gradient_to_image
 
     image, weights = _inputs(b=1)
     weights.zero_()
@@ -87,12 +89,13 @@ def test_save_explanation_png_round_trips(tmp_path: Path) -> None:
         save_explanation_png(torch.full((4, 4, 4), float("nan")), tmp_path / "nan.png")
 
 
-def test_heatmap_matches_official_plot() -> None:
+def test_heatmap_matches_official_plot(bcos_oracle) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from bcos.common import plot_contribution_map
+
+    plot_contribution_map = bcos_oracle("bcos.common").plot_contribution_map
 
     g = torch.Generator().manual_seed(1)
     cmap = torch.randn(30, 25, generator=g) ** 3  # heavy tails: clipping matters
@@ -132,9 +135,9 @@ def test_heatmap_rgba_batched_and_png(tmp_path: Path) -> None:
         contribution_heatmap_rgba(torch.tensor([[float("inf")]]))
 
 
-def test_end_to_end_with_model_explanations(tmp_path: Path) -> None:
+def test_end_to_end_with_model_explanations(tmp_path: Path, bcos_oracle) -> None:
     """explain() of a tiny B-cos model -> our images equal the official ones, per sample."""
-    from bcos.common import gradient_to_image
+    gradient_to_image = bcos_oracle("bcos.common").gradient_to_image
 
     from bcos_layers.explain import explain
     from bcos_layers.models import create
