@@ -15,13 +15,17 @@ they contribute nothing, and no gradient flows through them).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self, overload
 
 import torch
 from torch import Tensor, nn
 
 from topk_sae.kernels import gather_preacts, sparse_decode
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, HfApi
 
 
 class SparseCode(NamedTuple):
@@ -310,21 +314,34 @@ class BiasFreeTopKSAE(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | Path,
+        name_or_path: str | os.PathLike[str],
         *,
         revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        token: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        subfolder: str | None = None,
         map_location: str | torch.device = "cpu",
-    ) -> BiasFreeTopKSAE:
-        """Load strictly from a local directory or a Hugging Face Hub repository id."""
+    ) -> Self:
+        """Load strictly from a local directory or a Hugging Face Hub repository id.
+
+        The Hub arguments are ``huggingface_hub.hf_hub_download``'s (``HF_HUB_OFFLINE=1`` or
+        ``local_files_only=True`` read the cache only); they are ignored for a local directory.
+        ``config.json`` is validated field by field and the weights are checked (finite, unit
+        atoms, positive scale); see :mod:`topk_sae.hub`.
+        """
         from topk_sae.hub import from_pretrained
 
         return from_pretrained(
+            cls,
             name_or_path,
             revision=revision,
             cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
             token=token,
+            subfolder=subfolder,
             map_location=map_location,
         )
 
@@ -333,11 +350,17 @@ class BiasFreeTopKSAE(nn.Module):
         repo_id: str,
         *,
         private: bool | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
+        branch: str | None = None,
+        create_pr: bool = False,
         commit_message: str = "Upload bias-free TopK SAE",
+        commit_description: str | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> str:
-        """Create (if needed) and upload to a Hub model repository; returns the commit URL."""
+        api: HfApi | None = None,
+    ) -> CommitInfo:
+        """Create the repository if needed and upload the model as one commit (to ``branch``,
+        or as a pull request with ``create_pr=True``); returns ``huggingface_hub.CommitInfo``.
+        """
         from topk_sae.hub import push_to_hub
 
         return push_to_hub(
@@ -345,6 +368,10 @@ class BiasFreeTopKSAE(nn.Module):
             repo_id,
             private=private,
             token=token,
+            branch=branch,
+            create_pr=create_pr,
             commit_message=commit_message,
+            commit_description=commit_description,
             metadata=metadata,
+            api=api,
         )
