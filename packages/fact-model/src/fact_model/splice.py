@@ -143,7 +143,8 @@ class ConceptLayer(nn.Module):
 
     Args:
         module: the backbone module whose output is decomposed into concepts.
-        sae: a :class:`topk_sae.BiasFreeTopKSAE` with ``d_in`` = the module's output channels.
+        sae: a :class:`topk_sae.BiasFreeTopKSAE` with ``d_in`` = the module's output channels,
+            or ``None`` for a tap (always bypassed; records the module's output).
         name: the module's name in the backbone (``"layer4"``), used in messages and results.
 
     Attributes:
@@ -152,9 +153,9 @@ class ConceptLayer(nn.Module):
         recorder: a :class:`Recorder` for the current forward pass, or ``None`` (set by FaCT).
     """
 
-    def __init__(self, module: nn.Module, sae: BiasFreeTopKSAE, name: str) -> None:
+    def __init__(self, module: nn.Module, sae: BiasFreeTopKSAE | None, name: str) -> None:
         super().__init__()
-        if not isinstance(sae, BiasFreeTopKSAE):
+        if sae is not None and not isinstance(sae, BiasFreeTopKSAE):
             raise TypeError(
                 f"the SAE for {name!r} must be a topk_sae.BiasFreeTopKSAE (bias-free, so that "
                 f"contributions are exact), got {type(sae).__name__}"
@@ -162,7 +163,9 @@ class ConceptLayer(nn.Module):
         self.module = module
         self.sae = sae
         self.layer_name = name
-        self.bypass = False
+        # Without an SAE the layer is a *tap*: the original module, with recording (used to
+        # extract the features an SAE is then trained on).
+        self.bypass = sae is None
         self.recorder: Recorder | None = None
 
     def extra_repr(self) -> str:
@@ -170,6 +173,8 @@ class ConceptLayer(nn.Module):
 
     def encode(self, features: Tensor) -> SparseCode:
         """The sparse code of the module output (maps or tokens; the SAE's input scale applied)."""
+        if self.sae is None:
+            raise RuntimeError(f"layer {self.layer_name!r} is a tap without an SAE")
         layout = layout_of(features)
         if (features.shape[1] if layout == "BKHW" else features.shape[2]) != self.sae.d_in:
             raise ValueError(
@@ -194,7 +199,7 @@ class ConceptLayer(nn.Module):
                 f"layer {self.layer_name!r} returns a {type(features).__name__}; a concept layer "
                 "needs a module that returns one tensor"
             )
-        if self.bypass:
+        if self.bypass or self.sae is None:
             if rec is None:
                 return features
             if rec.leaf_codes:  # in B-cos mode the channels are the concepts
