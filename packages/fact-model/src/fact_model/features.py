@@ -130,7 +130,7 @@ def sample_positions(
         raise ValueError("weights must be (B, P) with one generator per row")
     if bool((weights_BP < 0).any()) or not bool(torch.isfinite(weights_BP).all()):
         raise ValueError("sampling weights must be finite and non-negative")
-    b, p = weights_BP.shape
+    p = weights_BP.shape[1]
     m = min(m, p)
     w = weights_BP.double().cpu()
     u = torch.stack([torch.rand(p, generator=g, dtype=torch.float64) for g in generators])
@@ -318,7 +318,7 @@ def _extract_split(
                 x = batch.images.to(device) if device is not None else batch.images
                 weights, rows, _ = position_weights(tap, x, config.layer)
                 gens = [image_generator(config.seed, int(i)) for i in batch.indices]
-                pos, count = sample_positions(weights.cpu(), m, gens)
+                pos, _ = sample_positions(weights.cpu(), m, gens)
                 rows = rows.cpu()
                 keep = pos >= 0
                 b_idx = torch.arange(len(pos))[:, None].expand_as(pos)[keep]
