@@ -264,6 +264,24 @@ class FaCT(nn.Module):
             for cl, state in zip(layers, saved):
                 cl.bypass = state
 
+    @contextlib.contextmanager
+    def only(self, layers: str | Sequence[str]) -> Iterator[FaCT]:
+        """Inside the block only the SAEs of ``layers`` are in place (the others bypassed): the
+        FaCT model of those layers alone, e.g. to evaluate each layer's model separately."""
+        keep = {layers} if isinstance(layers, str) else set(layers)
+        unknown = keep - set(self.layers)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not decomposed layers: {list(self.layers)}")
+        cls = [cl for _, cl in concept_layers(self.backbone)]
+        saved = [cl.bypass for cl in cls]
+        try:
+            for cl in cls:
+                cl.bypass = cl.layer_name not in keep
+            yield self
+        finally:
+            for cl, state in zip(cls, saved):
+                cl.bypass = state
+
     def explanation_mode(self, active: bool = True) -> explanation_mode:
         """Detach every dynamic factor (B-cos explanation mode) inside a ``with`` block."""
         return explanation_mode(self, active)
