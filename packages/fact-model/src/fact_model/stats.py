@@ -142,7 +142,7 @@ def spatial_extent(
     for image, cs in tqdm(
         sorted(pairs.items()), desc=f"extent {concepts.name}", disable=not progress
     ):
-        x, reason, _ = dataset[image]
+        x, _, _ = dataset[image]
         if x is None:
             continue
         x = x[None].to(device) if device is not None else x[None]
