@@ -1,26 +1,496 @@
-"""The ``fact`` command line."""
+"""The ``fact`` command line: one subcommand per step of the method.
+
+    fact features  --backbone NAME --layer L --dataset SPEC --out DIR     (App. A, Eq. A.1)
+    fact train     --backbone NAME --layer L [--layer L2] --dataset SPEC --out DIR
+    fact evaluate  MODEL --dataset SPEC                                  (Sec. 5.1, App. B)
+    fact explain   MODEL IMAGE [--out DIR]                               (Eq. 9, Eq. 12)
+    fact stats     MODEL --dataset SPEC --out DIR                        (App. D)
+    fact atlas     MODEL --dataset SPEC --out DIR                        (browsable concepts)
+    fact demo      [--out DIR] [--fast]                                  (the whole method)
+
+Datasets: ``imagefolder:PATH``, ``hf:NAME[:SPLIT]``, ``hf-disk:PATH[:SPLIT]``, ``world[:SPLIT]``
+(the embedded concept world). Exit codes: 0 success, 1 failure (the message says why),
+2 bad command line, 130 interrupted (everything finished so far is kept; rerun to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps (default cpu)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass (default 64)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_backbone(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True, help="bcos_layers model name, e.g. resnet50_long")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="official B-cos-v2 weights (downloaded, hash-checked)",
+    )
+    w.add_argument(
+        "--weights",
+        type=Path,
+        help="local backbone weights (.safetensors, converted dir, or official .pth)",
+    )
+    p.add_argument(
+        "--backbone-kwargs",
+        default="{}",
+        help="constructor overrides as JSON, e.g. '{\"num_classes\": 10}'",
+    )
+
+
+def _backbone(args: argparse.Namespace) -> Any:
+    import bcos_layers
+    from fact_model.model import BackboneSpec
+
+    try:
+        kwargs = json.loads(args.backbone_kwargs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--backbone-kwargs is not valid JSON: {err}") from err
+    if not isinstance(kwargs, dict):
+        raise ValueError("--backbone-kwargs must be a JSON object")
+    pretrained: Any = True if args.pretrained else (args.weights or False)
+    model = bcos_layers.create(args.backbone, pretrained=pretrained, **kwargs)
+    model.fact_backbone_spec = BackboneSpec(args.backbone, kwargs, official=bool(args.pretrained))
+    return model.to(args.device).eval()
+
+
+def _dataset(spec: str, model: Any, split: str | None = None) -> Any:
+    from fact_model.data import IndexedImages, eval_transform_for, open_dataset
+
+    return IndexedImages(open_dataset(spec, split=split), eval_transform_for(model))
+
+
+def _limit(dataset: Any, limit: int | None, seed: int) -> list[int] | None:
+    if limit is None or limit >= len(dataset):
+        return None
+    import numpy as np
+
+    return sorted(
+        np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False).tolist()
+    )
+
+
+def _load_model(path: str, device: str) -> Any:
+    from fact_model import FaCT
+
+    return FaCT.from_pretrained(path).to(device).eval()
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_features(args: argparse.Namespace) -> int:
+    from fact_model.features import FeatureConfig, extract_features
+    from fact_model.splice import find_module
+
+    backbone = _backbone(args)
+    find_module(backbone, args.layer)  # a wrong layer name fails before any data is read
+    data = _dataset(args.dataset, backbone)
+    cfg = FeatureConfig(
+        layer=args.layer,
+        samples_per_image=args.samples_per_image,
+        budget_bytes=int(args.budget_gb * 1e9),
+        heldout_per_class=args.heldout_per_class,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+    )
+    fs = extract_features(
+        backbone,
+        data,
+        args.out,
+        cfg,
+        device=args.device,
+        progress=not args.no_progress,
+        describe=args.dataset,
+    )
+    print(
+        f"feature set {fs.root}: {fs.train.num_rows} training vectors, "
+        f"{fs.heldout.num_rows if fs.heldout else 0} held-out, M={fs.provenance['samples_per_image']} "
+        f"of {fs.provenance['positions']} positions, {fs.skipped['skipped']} unreadable images skipped"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fact_model.pipeline import SweepGrid, TrainSettings, paper_grid, train_fact
+    from fact_model.splice import find_module
+    from topk_sae import TrainConfig
+
+    backbone = _backbone(args)
+    for layer in args.layer:
+        find_module(backbone, layer)
+    data = _dataset(args.dataset, backbone)
+    grids = {}
+    for layer in args.layer:
+        default = paper_grid(args.backbone, layer) or SweepGrid()
+        grids[layer] = SweepGrid(
+            tuple(args.k or default.k),
+            tuple(args.n_latents or default.n_latents),
+            tuple(args.lr or default.lr),
+        )
+    settings = TrainSettings(
+        features={
+            "samples_per_image": args.samples_per_image,
+            "budget_bytes": int(args.budget_gb * 1e9),
+            "heldout_per_class": args.heldout_per_class,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+        },
+        sae=TrainConfig(
+            n_latents=grids[args.layer[0]].n_latents[0],
+            k=grids[args.layer[0]].k[0],
+            epochs=args.epochs,
+            seed=args.seed,
+            init=args.init,
+            autocast_bf16=args.bf16,
+            device=args.device,
+        ),
+        sae_batch_size=args.sae_batch_size,
+        image_batch_size=args.batch_size,
+    )
+    model, report = train_fact(
+        backbone, data, args.layer, args.out, grids=grids, settings=settings, dataset_name=args.dataset,
+        device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    ev = report["heldout_evaluation"]
+    print(f"B-cos held-out top-1 {100 * ev['bcos']['top1']:.2f}%")
+    for layer, r in ev["layers"].items():
+        print(
+            f"FaCT {layer}: top-1 {100 * r['top1']:.2f}%, L0 {r['mean_l0']:.1f}, 80% cover {r['mean_cover80']:.1f}"
+        )
+    print(f"model saved to {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fact_model.evaluation import evaluate
+
+    model = _load_model(args.model, args.device)
+    data = _dataset(args.dataset, model)
+    res = evaluate(
+        model,
+        data,
+        indices=_limit(data, args.limit, args.seed),
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    out = res.to_dict()
+    if args.json:
+        from fact_model._atomic import atomic_write_json
+
+        atomic_write_json(args.json, out)
+    _print_json(out)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    import bcos_layers
+    from fact_model._atomic import atomic_write_json
+    from fact_model.explain import concept_attributions, concept_contributions
+
+    model = _load_model(args.model, args.device)
+    path = Path(args.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            x = model.transform(img.convert("RGB"))[None].to(args.device)
+    except OSError as err:
+        raise ValueError(f"cannot read {path} as an image: {err}") from err
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    out = Path(args.out) if args.out else None
+    result: dict[str, Any] = {"image": str(path), "layers": {}}
+    for layer in [args.layer] if args.layer else list(model.layers):
+        exp = concept_contributions(model, x, args.target, layer=layer)
+        cls = int(exp.targets[0, 0])
+        top = exp.top(args.top)[0]
+        err = float(exp.completeness_error[0, 0])
+        logit = float(exp.logits[0, 0])
+        print(
+            f"[{layer}] class {cls} ({names[cls]}): logit {logit:.4f} = sum of {int((exp.contributions[0, 0] != 0).sum())} concept contributions {float(exp.contributions[0, 0].sum()):.4f} + bias {exp.bias:.4f}"
+        )
+        print(f"  completeness error {err:.3e}")
+        for rank, (concept, value) in enumerate(top, 1):
+            print(
+                f"  {rank:2d}. concept {concept:6d}  contribution {value:+.4f}  presence {float(exp.presence[0, concept]):.4f}"
+            )
+        entry = {"class": cls, "class_name": names[cls], "logit": logit, "bias": exp.bias, "completeness_error": err,
+                 "top": [{"concept": c, "contribution": v} for c, v in top]}  # fmt: skip
+        if out is not None:
+            ids = [c for c, _ in top]
+            att = concept_attributions(model, x, [ids], layer=layer)
+            rgba = bcos_layers.explanation_rgba(
+                x[0].expand(len(ids), -1, -1, -1), att.weights[0], smooth=3
+            )
+            files = []
+            for j, c in enumerate(ids):
+                f = out / f"{path.stem}_{layer}_concept{c}.png"
+                bcos_layers.save_explanation_png(rgba[j], f)
+                files.append(str(f))
+            entry["attribution_pngs"] = files
+            entry["attribution_completeness_error"] = [float(e) for e in att.completeness_error[0]]
+            try:
+                from fact_model.figures import fig_explanation, save_figure
+
+                shown = sum(v for _, v in top)
+                fig = fig_explanation(
+                    x[0, :3].permute(1, 2, 0).cpu().numpy(), names[cls], logit, exp.bias, err,
+                    [(f"concept {c}", v) for c, v in top], [r.cpu().numpy() for r in rgba],
+                    other=float(exp.contributions[0, 0].sum()) - shown,
+                )  # fmt: skip
+                fig_path = save_figure(fig, out / f"{path.stem}_{layer}_explanation.png")
+                entry["figure"] = str(fig_path)
+            except ImportError:
+                pass
+        result["layers"][layer] = entry
+    if out is not None:
+        atomic_write_json(out / f"{path.stem}_explanation.json", result)
+        print(f"pictures and JSON written to {out}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
+    from fact_model._atomic import atomic_write_json
+    from fact_model.concepts import LayerConcepts
+    from fact_model.stats import concept_statistics
+
+    model = _load_model(args.model, args.device)
+    data = _dataset(args.dataset, model)
+    out = Path(args.out)
+    for layer in [args.layer] if args.layer else list(model.layers):
+        st = concept_statistics(
+            LayerConcepts(model, layer, kind=args.kind), data, indices=_limit(data, args.limit, args.seed),
+            top_k=args.top_k, extent_images=args.extent_images, batch_size=args.batch_size,
+            device=args.device, progress=not args.no_progress,
+        )  # fmt: skip
+        tensors = {
+            k: getattr(st, k)
+            for k in (
+                "frequency",
+                "mean_presence",
+                "dead",
+                "always_on",
+                "top_images",
+                "top_values",
+                "label_mass",
+                "entropy",
+                "spatial_extent",
+            )
+        }
+        from safetensors.torch import save_file
+
+        from fact_model._atomic import atomic_path
+
+        with atomic_path(out / f"stats_{layer}.safetensors") as tmp:
+            save_file(
+                {
+                    k: v.contiguous().to(torch.float64) if v.dtype == torch.bool else v.contiguous()
+                    for k, v in tensors.items()
+                },
+                str(tmp),
+            )
+        summary = {
+            **st.summary(),
+            "layer": layer,
+            "kind": args.kind,
+            "n_images": st.n_images,
+            "skipped": st.skipped,
+        }
+        atomic_write_json(out / f"stats_{layer}.json", summary)
+        _print_json(summary)
+    return 0
+
+
+def cmd_atlas(args: argparse.Namespace) -> int:
+    from fact_model.report import build_model_atlas
+
+    model = _load_model(args.model, args.device)
+    data = _dataset(args.dataset, model)
+    path = build_model_atlas(
+        model, data, args.out, indices=_limit(data, args.limit, args.seed), n_explained=args.explain,
+        top_k=args.top_k, max_concepts=args.max_concepts, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"atlas written: open {path / 'index.html'} in a browser")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fact_model.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    summary = run_demo(
+        cfg,
+        args.out,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    print(summary["text"])
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fact",
+        description="FaCT: faithful concept traces -- B-cos networks with bias-free TopK SAEs inside.",
+        epilog="Datasets: imagefolder:PATH, hf:NAME[:SPLIT], hf-disk:PATH[:SPLIT], world[:SPLIT].",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole method on the embedded concept world (no download)")
+    p.add_argument(
+        "--out", default="fact-demo-output", help="output folder (default ./fact-demo-output)"
+    )
+    p.add_argument(
+        "--fast", action="store_true", help="a smaller, quicker run (for tests and a first look)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an existing output folder of another run",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("features", help="extract an importance-sampled feature set (App. A)")
+    _add_backbone(p)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--samples-per-image", type=int, default=None, help="M (default: from --budget-gb)"
+    )
+    p.add_argument(
+        "--budget-gb",
+        type=float,
+        default=170.0,
+        help="storage budget of the training set (paper: 170)",
+    )
+    p.add_argument("--heldout-per-class", type=int, default=50)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_common(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("train", help="features + SAE sweep + selection by held-out FaCT accuracy")
+    _add_backbone(p)
+    p.add_argument(
+        "--layer", required=True, action="append", help="layer to decompose (repeatable)"
+    )
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--k", type=int, nargs="+", help="TopK values to sweep (default: Table A1 or 16)"
+    )
+    p.add_argument(
+        "--n-latents", type=int, nargs="+", help="dictionary sizes (default: Table A1 or 16384)"
+    )
+    p.add_argument("--lr", type=float, nargs="+", help="learning rates (default: Table A1 or 1e-3)")
+    p.add_argument("--epochs", type=float, default=16.0)
+    p.add_argument("--sae-batch-size", type=int, default=32786)
+    p.add_argument("--init", choices=["random", "data"], default="data")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the SAE encoder matmul")
+    p.add_argument("--samples-per-image", type=int, default=None)
+    p.add_argument("--budget-gb", type=float, default=170.0)
+    p.add_argument("--heldout-per-class", type=int, default=50)
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy and sparsity of B-cos and FaCT at each layer")
+    p.add_argument("model", help="FaCT model directory or Hub repo id")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this size")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("explain", help="exact concept contributions of one image, with pictures")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--out", default=None, help="folder for the pictures and JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("stats", help="concept statistics (top images, frequency, entropy, extent)")
+    p.add_argument("model")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layer", default=None)
+    p.add_argument("--kind", choices=["sae", "channels"], default="sae")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--extent-images", type=int, default=5)
+    p.add_argument("--limit", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("atlas", help="build the browsable concept atlas (static HTML)")
+    p.add_argument("model")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--explain", type=int, default=12, help="images to explain in the atlas")
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument(
+        "--max-concepts", type=int, default=200, help="concepts with cards (most frequent first)"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_atlas)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fact", description="FaCT: faithful concept traces.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
-        "demo",
-        help="train a tiny FaCT model on the embedded synthetic dataset and write explanations",
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
         print(
-            "fact demo: not implemented yet. It will train a small B-cos network on the embedded\n"
-            "synthetic dataset, insert a bias-free TopK SAE, and write exact concept\n"
-            "contributions, pixel attributions and their completeness errors as PNGs."
+            f"fact {args.command}: interrupted; finished work is kept, rerun to resume",
+            file=sys.stderr,
         )
-    return 0
+        return 130
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        RuntimeError,
+        OSError,
+        ImportError,
+    ) as err:
+        print(f"fact {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
