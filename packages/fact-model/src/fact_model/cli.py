@@ -168,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sae_batch_size=args.sae_batch_size,
         image_batch_size=args.batch_size,
     )
-    model, report = train_fact(
+    _, report = train_fact(
         backbone, data, args.layer, args.out, grids=grids, settings=settings, dataset_name=args.dataset,
         device=args.device, progress=not args.no_progress,
     )  # fmt: skip
