@@ -1,205 +1,161 @@
-"""The packages composed into a FaCT model: exactness end to end, at float32 precision.
+"""The packages composed: fact_model's FaCT against a direct computation from the parts.
 
-A tiny B-cos ResNet (``bcos_layers``) with a bias-free TopK SAE (``topk_sae``) replacing the
-output of ``layer3`` by its reconstruction. In explanation mode everything is dynamic-linear, so
-
-* the target logit minus the logit bias is EXACTLY the sum of concept contributions
-  (code value x d logit / d code value, paper Eq. 9);
-* every concept activation is EXACTLY the sum of its pixel attributions;
-
-and the same model feeds the deletion metric (``concept_deletion``) through its head and the C2
-score (``c2score``) through its activations and attribution maps.
+A tiny calibrated B-cos ResNet (``bcos_layers``) and a trained bias-free TopK SAE (``topk_sae``,
+input scale != 1) spliced in by ``fact_model.FaCT``. The FaCT numbers are checked against an
+independent computation that uses only ``bcos_layers`` and ``topk_sae``: a forward hook replacing
+``layer3``'s output by ``sae.forward_map(out).recon`` and plain autograd. The same model then
+feeds ``concept_deletion`` and ``c2score`` through ``fact_model``'s concept set.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import tempfile
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import bcos_layers
 import c2score
 import concept_deletion
-from topk_sae import BiasFreeTopKSAE
+from fact_model import FaCT, LayerConcepts, concept_attributions, concept_contributions
+from topk_sae import BiasFreeTopKSAE, TensorSource, TrainConfig, train
 
 LAYER = "layer3"
-N_LATENTS, K = 48, 6
 
 
-class SAEHook:
-    """Forward hook: replace a layer's output by the SAE reconstruction and keep the codes."""
-
-    def __init__(self, sae: BiasFreeTopKSAE) -> None:
-        self.sae = sae
-        self.codes_BKHW: Tensor | None = None
-        self.override_BKHW: Tensor | None = None
-
-    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], out_BCHW: Tensor) -> Tensor:
-        if self.override_BKHW is not None:
-            codes = self.override_BKHW
-        else:
-            codes = self.sae.encode_map(out_BCHW, dense=True)
-            if codes.requires_grad:
-                codes.retain_grad()
-        self.codes_BKHW = codes
-        # Dense decode as a 1x1 convolution of the (B, K, H, W) code with the atoms.
-        return torch.einsum("bkhw,kc->bchw", codes, self.sae.W_dec)
+def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return bcos_layers.AddInverse()(torch.rand(n, 3, size, size, generator=g))
 
 
 @pytest.fixture(scope="module")
-def fact_model() -> tuple[nn.Module, SAEHook]:
+def parts() -> tuple[nn.Module, BiasFreeTopKSAE]:
     torch.manual_seed(0)
     model = bcos_layers.create("tiny_resnet_bottleneck")
-    # Random (calibrated-looking) BatchNorm statistics so the norms are not identities.
-    for m in model.modules():
+    for m in model.modules():  # calibrated norms: O(1) activations and logits
         if isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-    feats = {}
-    handle = dict(model.named_modules())[LAYER].register_forward_hook(
-        lambda m, i, o: feats.setdefault("f", o)
-    )
+            m.momentum = None
+    model.train()
     with torch.no_grad():
-        model(_images(4, seed=1))
-    handle.remove()
-    channels = feats["f"].shape[1]
-    sae = BiasFreeTopKSAE(channels, N_LATENTS, K)
-    hook = SAEHook(sae)
-    dict(model.named_modules())[LAYER].register_forward_hook(hook)
+        model(_images(32, seed=9))
     model.eval()
-    return model, hook
-
-
-def _images(n: int, seed: int, size: int = 32) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    rgb = torch.rand(n, 3, size, size, generator=g)
-    return bcos_layers.AddInverse()(rgb)
-
-
-def _logit_bias(model: nn.Module) -> float:
-    biases = [m.logit_bias for m in model.modules() if isinstance(m, bcos_layers.LogitLayer)]
-    assert len(biases) == 1
-    return float(biases[0] or 0.0)
-
-
-def test_logit_is_exact_sum_of_concept_contributions(fact_model) -> None:
-    model, hook = fact_model
-    x = _images(5, seed=2).requires_grad_(True)
-    with bcos_layers.explanation_mode(model), _pre_bias_logits(model) as pre:
-        logits = model(x)
-        target = logits.argmax(1)
-        y = logits.gather(1, target[:, None])[:, 0]
-        y.sum().backward()
-    codes = hook.codes_BKHW
-    assert codes is not None and codes.grad is not None
-    contrib_BK = (codes * codes.grad).sum((2, 3))  # paper Eq. 9
-    # The explained value: the target logit before the logit layer adds its constant bias.
-    explained = pre["logits"].gather(1, target[:, None])[:, 0].detach()
-    assert torch.allclose(y.detach(), explained + _logit_bias(model))
-    # Many concepts are active: the identity is not trivially about one term.
-    assert int((contrib_BK != 0).sum(1).min()) >= K
-    _assert_complete(contrib_BK.sum(1), explained, contrib_BK.abs().sum(1))
-    # The pixel contributions of the logit add up to the same number (B-cos completeness).
-    pixel_BCHW = (x * x.grad).detach()
-    _assert_complete(pixel_BCHW.sum((1, 2, 3)), explained, pixel_BCHW.abs().sum((1, 2, 3)))
-
-
-def _assert_complete(total: Tensor, value: Tensor, mass: Tensor) -> None:
-    """|sum of contributions - value| at float32 round-off relative to the contribution mass."""
-    value = value.detach()
-    err = (total.detach().double() - value.double()).abs()
-    rel = err / (mass.detach().double() + 1e-30)
-    assert float(rel.max()) < 1e-5, (err, value, mass)
-
-
-@contextlib.contextmanager
-def _pre_bias_logits(model: nn.Module):
-    store: dict[str, Tensor] = {}
-    (layer,) = [m for m in model.modules() if isinstance(m, bcos_layers.LogitLayer)]
-    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("logits", i[0]))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def test_concept_activation_is_exact_sum_of_pixel_attributions(fact_model) -> None:
-    model, hook = fact_model
-    x = _images(3, seed=3).requires_grad_(True)
-    with bcos_layers.explanation_mode(model):
-        model(x)
-        codes = hook.codes_BKHW
-        presence_BK = codes.sum((2, 3))
-        active = presence_BK[0].nonzero()[:, 0]
-        assert len(active) >= 3
-        for kk in active[:3].tolist():
-            (grad,) = torch.autograd.grad(presence_BK[:, kk].sum(), x, retain_graph=True)
-            attribution_BHW = (x * grad).sum(1)
-            _assert_complete(
-                attribution_BHW.sum((1, 2)), presence_BK[:, kk], attribution_BHW.abs().sum((1, 2))
-            )
-
-
-def test_deletion_metric_runs_through_the_fact_head(fact_model) -> None:
-    model, hook = fact_model
-    x = _images(4, seed=4).requires_grad_(True)
-    with bcos_layers.explanation_mode(model):
-        logits = model(x)
-        target = logits.argmax(1)
-        logits.gather(1, target[:, None]).sum().backward()
-    codes = hook.codes_BKHW.detach()
-    contrib_BK = (codes * hook.codes_BKHW.grad).sum((2, 3))
-
-    def head(codes_BKHW: Tensor) -> Tensor:
-        hook.override_BKHW = codes_BKHW
-        try:
-            # The image only fixes the batch size here: layer3 is overridden by the code.
-            return model(torch.zeros(codes_BKHW.shape[0], *x.shape[1:]))
-        finally:
-            hook.override_BKHW = None
-
+    feats = {}
+    h = model.get_submodule(LAYER).register_forward_hook(lambda m, i, o: feats.setdefault("f", o))
     with torch.no_grad():
-        full = head(codes).gather(1, target[:, None])[:, 0]
-        assert torch.allclose(full, logits.gather(1, target[:, None])[:, 0].detach(), atol=1e-5)
-        curve = concept_deletion.deletion_curve(
-            head, codes, target, contrib_BK, "BKHW", measure="contribution"
-        )
-    scores_BS = torch.as_tensor(curve.scores)
-    # First point: nothing deleted; last point: everything deleted, only the logit bias remains.
-    assert torch.allclose(scores_BS[:, 0].float(), full, atol=1e-5)
-    assert torch.allclose(
-        scores_BS[:, -1].float(), torch.full_like(full, _logit_bias(model)), atol=1e-5
+        model(_images(24, seed=1))
+    h.remove()
+    rows = feats["f"].permute(0, 2, 3, 1).reshape(-1, feats["f"].shape[1])
+    cfg = TrainConfig(
+        n_latents=48, k=6, epochs=3, lr=5e-3, warmup_epochs=0.2, hold_epochs=0.2, init="data",
+        k_aux=8, progress=False, uncentered_warn_ratio=100.0, device="cpu",
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        sae = train(cfg, TensorSource(rows, batch_size=128), out_dir=tmp).model.eval()
+    assert abs(float(sae.input_scale) - 1) > 1e-2
+    return model, sae
+
+
+def _reference(model: nn.Module, sae: BiasFreeTopKSAE, x: torch.Tensor):
+    """Logits, per-concept contributions (Eq. 9) and presences from the parts alone."""
+    store = {}
+
+    def hook(m, i, out):
+        recon, code = sae.forward_map(out)
+        store["code"] = code
+        return recon
+
+    h = model.get_submodule(LAYER).register_forward_hook(hook)
+    try:
+        x = x.clone().requires_grad_(True)
+        with bcos_layers.explanation_mode(model):
+            logits = model(x)
+            pred = logits.argmax(1)
+            values = store["code"].values
+            (g,) = torch.autograd.grad(
+                logits.gather(1, pred[:, None]).sum(), values, retain_graph=True
+            )
+            contrib = torch.zeros(x.shape[0], sae.n_latents).scatter_add_(
+                1, store["code"].indices.flatten(1), (values * g).detach().flatten(1)
+            )
+            presence = torch.zeros_like(contrib).scatter_add_(
+                1, store["code"].indices.flatten(1), values.flatten(1)
+            )
+            c = int(presence[0].argmax())
+            (gx,) = torch.autograd.grad(presence[:, c].sum(), x)
+    finally:
+        h.remove()
+    return logits.detach(), pred, contrib, presence.detach(), c, (x.detach() * gx).sum(1)
+
+
+def test_fact_equals_the_direct_computation_and_is_exact(parts) -> None:
+    backbone, sae = parts
+    fact = FaCT(backbone, {LAYER: sae}, input_size=32)
+    x = _images(5, seed=2)
+    logits, pred, contrib, presence, c, attribution = _reference(backbone, sae, x)
+    out = concept_contributions(fact, x)
+    torch.testing.assert_close(out.output, logits)
+    assert torch.equal(out.targets[:, 0], pred)
+    torch.testing.assert_close(out.contributions[:, 0], contrib)
+    torch.testing.assert_close(out.presence, presence)
+    # Eq. 9 at float32 round-off, many concepts taking part.
+    assert int((contrib != 0).sum(1).min()) >= 6
+    scale = out.logits.abs() + out.contributions.abs().sum(2)
+    assert bool((out.completeness_error.abs() <= 2e-6 * scale).all())
+    att = concept_attributions(fact, x, c)
+    torch.testing.assert_close(att.attributions[:, 0], attribution)
+    assert bool(
+        (
+            att.completeness_error.abs()
+            <= 2e-6 * (att.value.abs() + att.attributions.abs().flatten(2).sum(2))
+        ).all()
+    )
+    # The backbone given to FaCT is untouched: no hook or concept layer left behind.
+    with torch.no_grad():
+        plain = backbone(x)
+    assert float((plain - logits).abs().max()) > 1e-4
+
+
+def test_deletion_and_c2_consume_the_fact_concept_set(parts) -> None:
+    backbone, sae = parts
+    fact = FaCT(backbone, {LAYER: sae}, input_size=32)
+    concepts = LayerConcepts(fact, LAYER)
+    x = _images(4, seed=4)
+    with torch.no_grad():
+        codes = concepts.codes(x)
+        logits = concepts.head(codes)
+    target = logits.argmax(1)
+    contrib = concepts.contributions(codes, target)
+    curve = concept_deletion.deletion_curve(
+        concepts.head, codes, target, contrib, "BKHW", measure="contribution"
+    )
+    scores = torch.as_tensor(curve.scores)
+    torch.testing.assert_close(
+        scores[:, 0].float(), logits.gather(1, target[:, None])[:, 0], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        scores[:, -1].float(), torch.full((4,), fact.logit_bias), atol=1e-5, rtol=0
     )
     assert math.isfinite(curve.auc_score)
 
+    n = 12
+    x = _images(n, seed=5)
+    presence = concepts.presence(x)
+    rgb = x[:, :3]
 
-def test_c2score_consumes_fact_activations_and_attributions(fact_model) -> None:
-    model, hook = fact_model
-    n, size = 12, 32
-    x = _images(n, seed=5, size=size).requires_grad_(True)
-    with bcos_layers.explanation_mode(model):
-        model(x)
-        presence_NC = hook.codes_BKHW.sum((2, 3))
-        maps = torch.zeros(n, N_LATENTS, size, size)
-        for kk in presence_NC.sum(0).nonzero()[:, 0].tolist():
-            (grad,) = torch.autograd.grad(presence_NC[:, kk].sum(), x, retain_graph=True)
-            maps[:, kk] = (x * grad).sum(1).detach()
-    rgb = x.detach()[:, :3]
-    # Oracle features: the RGB values themselves (any per-pixel feature works for the plumbing).
-    oracle = c2score.OracleFeatures(rgb, dim=3)
+    def maps(image_index: int, concept_ids: torch.Tensor) -> torch.Tensor:
+        return concepts.attributions(
+            x[image_index : image_index + 1], concept_ids[None]
+        ).attributions[0]
+
     result = c2score.evaluate_c2(
         list(rgb),
-        presence_NC.detach(),
-        c2score.DenseAttributions(maps),
-        oracle,
+        presence.clamp_min(0),
+        maps,
+        c2score.OracleFeatures(rgb, dim=3),
         c2score.EvalConfig(progress=False),
     )
-    assert result.n_images == n and result.n_concepts == N_LATENTS
+    assert result.n_images == n and result.n_concepts == sae.n_latents
     assert math.isfinite(result.baseline_mean)
-    # Every concept active on >= 5 images is scored; the others are counted as skipped.
-    n_active = (presence_NC.detach() > 0).sum(0)
-    assert len(result.concept_ids) == int((n_active >= 5).sum())
-    assert all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in result.consistency)
+    assert len(result.concept_ids) == int(((presence > 0).sum(0) >= 5).sum())
