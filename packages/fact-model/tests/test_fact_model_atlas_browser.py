@@ -12,12 +12,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from fact_model.atlas import build_atlas, example_spec
+from fact_model.figures import fig_explanation, save_figure
 
 EVIL_CLASS = "<img src=x onerror=alert(1)>"
 EVIL_NAME = 'wheels & "spokes" <b>bold</b>'
@@ -55,8 +58,23 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    spec = example_spec(tmp_path_factory.mktemp("src"), classes=["bus", EVIL_CLASS, "boat", "kite"])
+    root = tmp_path_factory.mktemp("src")
+    spec = example_spec(root, classes=["bus", EVIL_CLASS, "boat", "kite"])
     spec["concepts"][0]["name"] = EVIL_NAME
+    # the misclassified image gets its explanation figure, rendered by fact_model.figures
+    e = spec["explanations"][2]
+    fig = fig_explanation(
+        np.asarray(Image.open(root / e["image"]).convert("RGB")),
+        e["predicted"],
+        e["logit"],
+        e["bias"],
+        e["completeness_error"],
+        [(k["concept"], k["value"]) for k in e["contributions"]],
+        [np.asarray(Image.open(root / k["overlay"])) for k in e["contributions"]],
+        other=e["other"],
+    )
+    save_figure(fig, root / "explanation_2.png", dpi=40)
+    e["figure"] = "explanation_2.png"
     index = build_atlas(spec, tmp_path_factory.mktemp("atlas") / "site")
     return spec, index
 
@@ -77,6 +95,11 @@ class Watched:
         self.page = page
         self.problems: list[str] = []
         page.on("pageerror", lambda err: self.problems.append(f"page error: {err}"))
+        page.on(  # the site is self-contained: nothing but its own files is ever requested
+            "request",
+            lambda r: r.url.startswith("file://") or self.problems.append(f"request: {r.url}"),
+        )
+        page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url}"))
         page.on(
             "console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}")
         )
@@ -163,8 +186,20 @@ def test_links_open_concepts_and_explained_images(
     expl = spec["explanations"][2]
     links = page.locator("#contributions a.concept-link")
     assert links.count() == len(expl["contributions"])
+    hrefs = links.evaluate_all("els => els.map(a => a.getAttribute('href'))")
+    ranked = sorted(expl["contributions"], key=lambda k: -abs(k["value"]))
+    assert hrefs == [f"#/concept/{quote(k['concept'], safe='')}" for k in ranked]
     completeness = page.text_content("#completeness")
     assert "completeness error 2.4e-7" in completeness
+    # every picture of the page, the explanation figure included, loads from the site folder
+    page.locator("img.card").scroll_into_view_if_needed()
+    page.wait_for_function(
+        "[...document.images].length > 0 && [...document.images].every(i => i.complete)"
+    )
+    sizes = page.eval_on_selector_all("img", "els => els.map(i => [i.naturalWidth, i.src])")
+    assert all(w > 0 and src.startswith(index.parent.as_uri() + "/assets/") for w, src in sizes)
+    figure_width = page.eval_on_selector("img.card", "i => i.naturalWidth")
+    assert figure_width == Image.open(index.parent / page.get_attribute("img.card", "src")).width
 
     strongest = max(expl["contributions"], key=lambda k: abs(k["value"]))  # listed first
     concept = next(c for c in spec["concepts"] if c["id"] == strongest["concept"])

@@ -92,6 +92,29 @@ def test_concept_card(tmp_path: Path) -> None:
     _saved(fig, tmp_path / "card.png")
 
 
+def test_concept_card_draws_attributions_over_the_dimmed_image() -> None:
+    img, ov = _image(), _overlay()
+    img_f = img.astype(np.float32) / 255
+    for dim, background in ((0.25, 0.25 * img_f), (0.0, np.zeros_like(img_f))):
+        fig = F.fig_concept_card([img], [ov], ["a"], [1.0], "t", dim=dim)
+        shown = np.asarray(fig.axes[1].images[0].get_array())
+        expected = ov[..., :3] * ov[..., 3:] + (1 - ov[..., 3:]) * background
+        np.testing.assert_allclose(shown, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"overlays\[0\] is 12 x 12 but images\[0\] is 24 x 24"):
+        F.fig_concept_card([img], [_overlay(12, 12)], ["a"], [1.0], "t")
+    F.fig_concept_card([img], [_overlay(12, 12)], ["a"], [1.0], "t", dim=0)  # over black: fine
+    with pytest.raises(ValueError, match=r"dim is a brightness in \[0, 1\]"):
+        F.fig_concept_card([img], [ov], ["a"], [1.0], "t", dim=2)
+
+
+def _bar_patches(fig: Figure) -> tuple[list[Rectangle], list[Rectangle]]:
+    """The stacked-bar segments and the logit bar of an explanation figure."""
+    bar_ax = next(ax for ax in fig.axes if ax.get_xlabel() == "contribution to the logit")
+    rects = [p for p in bar_ax.patches if isinstance(p, Rectangle)]
+    segments = [p for p in rects if (p.get_gid() or "").startswith("segment:")]
+    return segments, [p for p in rects if p.get_gid() == "logit"]
+
+
 def test_explanation_bar_stacks_contributions_and_prints_completeness(tmp_path: Path) -> None:
     contribs = [("wheels", 2.0), ("stripes", -0.5), ("sky", 1.0), ("eyes", -0.25)]
     other, bias = 0.3, -2.197
@@ -110,17 +133,44 @@ def test_explanation_bar_stacks_contributions_and_prints_completeness(tmp_path: 
     assert F.completeness_text(logit, 2.25 + other, bias, 3.1e-8) in texts
     assert "error 3.1e-08" in F.completeness_text(logit, 2.25 + other, bias, 3.1e-8)
     assert "+2.000" in texts and "−0.500" in texts
+    assert f" logit {logit:.3f} " in texts
     bar_ax = next(ax for ax in fig.axes if ax.get_xlabel() == "contribution to the logit")
-    bars = [p for p in bar_ax.patches if isinstance(p, Rectangle)]
-    # positive segments stack rightwards from 0, negative (incl. bias) leftwards from 0
-    spans = sorted((b.get_x(), b.get_x() + b.get_width()) for b in bars)
-    assert len(bars) == len(contribs) + 2
+    bar_texts = {t.get_text() for t in bar_ax.texts}
+    assert {"wheels", "sky", "bias"} <= bar_texts  # wide segments carry their name
+    segments, logit_bar = _bar_patches(fig)
+    assert [p.get_gid() for p in segments] == ["segment:concept"] * 4 + [
+        "segment:other",
+        "segment:bias",
+    ]
+    # positive segments stack rightwards from 0, negative ones (incl. the bias) leftwards,
+    # each segment as wide as its value, in the given order
+    widths = [p.get_width() for p in segments]
+    np.testing.assert_allclose(widths, [2.0, -0.5, 1.0, -0.25, other, bias])
+    lefts = [p.get_x() for p in segments]
+    np.testing.assert_allclose(lefts, [0.0, 0.0, 2.0, -0.5, 3.0, -0.75])
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in segments]
     right = max(max(a, b) for a, b in spans)
     left = min(min(a, b) for a, b in spans)
     assert right == pytest.approx(2.0 + 1.0 + other)
     assert left == pytest.approx(-0.5 - 0.25 + bias)
-    assert right + left == pytest.approx(logit)  # the net of the bar is the logit
+    assert right + left == pytest.approx(logit)  # the net of the stack is the logit ...
+    assert len(logit_bar) == 1 and logit_bar[0].get_x() == 0  # ... drawn as its own bar
+    assert logit_bar[0].get_width() == pytest.approx(logit)
+    # one framed thumbnail per shown concept, titled with its name and signed value
+    thumb_axes = [ax for ax in fig.axes if ax.get_title() in {n for n, _ in contribs}]
+    assert [ax.get_xlabel() for ax in thumb_axes] == ["+2.000", "−0.500", "+1.000", "−0.250"]
     _saved(fig, tmp_path / "explanation.png")
+
+
+def test_explanation_without_concepts_or_other(tmp_path: Path) -> None:
+    # only the bias: no "other concepts" segment (other == 0), no thumbnails, negative logit
+    fig = F.fig_explanation(_image(), "cat", -1.5, -1.5, 0.0, [], [])
+    segments, logit_bar = _bar_patches(fig)
+    assert [p.get_gid() for p in segments] == ["segment:bias"]
+    assert logit_bar[0].get_width() == pytest.approx(-1.5)
+    assert "logit −1.500 = Σ contributions 0.000 + bias −1.500; error 0.0e+00" in _texts(fig)
+    assert len(fig.axes) == 2  # the image and the bar
+    _saved(fig, tmp_path / "bias_only.png")
 
 
 def test_cross_layer(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ Image conventions (checked; a wrong shape or range is a ``ValueError`` saying wh
 * an *attribution overlay* is the B-cos RGBA explanation image ``H x W x 4`` (float in [0, 1]
   or ``uint8``; e.g. ``bcos_layers.visualize.explanation_rgba``): the colour is what the
   dynamic linear weights align with, the alpha their strength. It is drawn over black, as in
-  the B-cos and FaCT papers (:func:`composite_rgba`);
+  the B-cos and FaCT papers, or over the dimmed input on concept cards (:func:`composite_rgba`);
 * a *thumbnail* is either of the two (RGBA is composited over black), or ``None`` for
   "no picture" (an empty, labelled panel).
 
@@ -221,6 +221,14 @@ def _show(ax: Axes, img: np.ndarray | None, *, frame: str | None = None) -> None
             spine.set_linewidth(3)
 
 
+def _ink_on(colour: str) -> str:
+    """Black or white text, whichever reads better on ``colour`` (WCAG relative luminance)."""
+    rgb = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return "black" if luminance > 0.3 else "white"
+
+
 def _short(text: str, n: int = 22) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -238,19 +246,24 @@ def fig_concept_card(
     extra: Mapping[str, float] | None = None,
     *,
     columns: int = 5,
+    dim: float = 0.25,
 ) -> Figure:
     """A concept card: its top-activating images, each over its attribution (paper Sec. 5).
 
     Args:
         images: ``n`` input images, each ``H x W x 3`` (sizes may differ between images).
         overlays: ``n`` B-cos RGBA attributions of the concept on each image (``H x W x 4``,
-            drawn under the image over black) or ``None`` (no attribution row for that one).
+            shown below the image, over a dimmed copy of it, see ``dim``) or ``None`` (an
+            empty attribution panel for that one).
         labels: ``n`` class labels, shown above each image.
         presence: ``n`` concept activations (presence values), shown below each attribution.
         title: the card's heading (e.g. ``"layer4:123 · wheels"``).
         c2: the concept's C2-score (Eq. 16), shown in the subtitle when given.
         extra: further named statistics for the subtitle (e.g. ``{"frequency": 0.05}``).
         columns: images per row.
+        dim: the attribution is drawn over its image darkened to this brightness, so one
+            sees where in the image it lies (``0``: over black, as in the B-cos papers);
+            an overlay must then have its image's height and width.
     """
     n = len(images)
     if n == 0:
@@ -260,11 +273,21 @@ def fig_concept_card(
     )
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
+    dim = _finite(dim, "dim")
+    if not 0.0 <= dim <= 1.0:
+        raise ValueError(f"dim is a brightness in [0, 1], got {dim}")
     imgs = [_as_image(im, f"images[{i}]", allow_rgba=False) for i, im in enumerate(images)]
     ovs = [
         None if ov is None else _as_image(ov, f"overlays[{i}]", allow_rgba=True, require_rgba=True)
         for i, ov in enumerate(overlays)
     ]
+    for i, ov in enumerate(ovs):
+        if ov is not None and dim > 0 and ov.shape[:2] != imgs[i].shape[:2]:
+            raise ValueError(
+                f"overlays[{i}] is {ov.shape[0]} x {ov.shape[1]} but images[{i}] is "
+                f"{imgs[i].shape[0]} x {imgs[i].shape[1]}; an attribution must match its "
+                "image (or pass dim=0 to draw it over black)"
+            )
     pres = [_finite(p, f"presence[{i}]") for i, p in enumerate(presence)]
     stats = {} if c2 is None else {"C2": _finite(c2, "c2")}
     stats.update({str(k): _finite(v, f"extra[{k!r}]") for k, v in (extra or {}).items()})
@@ -293,7 +316,10 @@ def fig_concept_card(
         bottom = ax
         if with_overlays:
             bottom = fig.add_subplot(cell[1, 0])
-            _show(bottom, None if ovs[i] is None else composite_rgba(ovs[i]))
+            ov = ovs[i]
+            _show(
+                bottom, None if ov is None else composite_rgba(ov, dim * imgs[i] if dim else None)
+            )
         bottom.set_xlabel(f"presence {_fmt(pres[i], '.3g')}", fontsize=8, labelpad=2)
     fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.12 / fig.get_figheight(), va="top")
     if stats:
@@ -357,8 +383,11 @@ def fig_explanation(
             ``H x W x 4`` or ``H x W x 3``), or ``None``.
         other: the summed contribution of all concepts not shown ("other concepts" segment).
 
-    The bar stacks positive segments to the right of 0 and negative ones to the left; the
-    bias is its own (hatched) segment and a black line marks the logit, their net sum.
+    The upper bar stacks the positive segments rightwards from 0 and the negative ones
+    leftwards, in the given order, each as wide as its value; the bias is its own hatched
+    segment and "other concepts" a dotted grey one (left out when ``other`` is 0). The lower bar is
+    the logit itself, the net sum of the upper one, and a dashed line joins its end to the
+    stack. Segments are coloured like the frames of the concept thumbnails below.
     """
     img = _as_image(image, "image", allow_rgba=True)
     if img.shape[2] == 4:
@@ -372,94 +401,124 @@ def fig_explanation(
     names, vals = _pairs(contributions, "contributions")
     thumbs = [_as_thumb(t, f"concept_thumbs[{i}]") for i, t in enumerate(concept_thumbs)]
 
-    seg_vals = [*vals, other, bias]
-    seg_names = [*names, "other concepts", "bias"]
-    colours = [_PALETTE[i % len(_PALETTE)] for i in range(n)] + [_OTHER_COLOUR, _BIAS_COLOUR]
+    # Segments: the shown concepts, "other concepts" (left out when exactly 0), the bias.
+    seg_vals, seg_names = list(vals), list(names)
+    colours = [_PALETTE[i % len(_PALETTE)] for i in range(n)]
+    kinds = ["concept"] * n
+    if other != 0.0:
+        seg_vals.append(other)
+        seg_names.append("other concepts")
+        colours.append(_OTHER_COLOUR)
+        kinds.append("other")
+    seg_vals.append(bias)
+    seg_names.append("bias")
+    colours.append(_BIAS_COLOUR)
+    kinds.append("bias")
     total = sum(vals) + other
 
-    ncols = max(n, 4)
-    fig = _new_figure(max(8.0, 1.45 * ncols + 2.2), 5.3 if n else 3.3)
-    grid = fig.add_gridspec(
-        2 if n else 1,
-        ncols + 2,
-        height_ratios=[1.35, 1] if n else None,
-        left=0.03,
-        right=0.97,
-        bottom=0.05,
-        top=0.86,
-        hspace=0.55,
-        wspace=0.15,
-    )
-    ax_img = fig.add_subplot(grid[0, 0:2])
-    _show(ax_img, img)
-    ax_img.set_title(_short(f"predicted: {predicted}", 30), fontsize=9)
+    # Layout in inches (robust for any number of concepts, including none): a heading band,
+    # the image next to the bar, and one row of concept thumbnails under the bar.
+    img_w, gap, margin, bar_h, axis_h = 2.5, 0.95, 0.25, 1.9, 0.55
+    head_h, thumb_row_h, bottom = 0.8, (1.75 if n else 0.0), 0.15
+    thumb_slot = 1.3
+    width = max(8.0, margin + img_w + gap + max(n, 4) * thumb_slot + margin)
+    height = head_h + max(img_w, bar_h + axis_h) + thumb_row_h + bottom
+    fig = _new_figure(width, height)
 
-    ax = fig.add_subplot(grid[0, 2:])
+    def rect(x: float, y_top: float, w: float, h: float) -> list[float]:
+        """Axes rectangle from inches, ``y_top`` measured down from the figure's top edge."""
+        return [x / width, 1 - (y_top + h) / height, w / width, h / height]
+
+    ax_img = fig.add_axes(rect(margin, head_h + 0.25, img_w, img_w - 0.25))
+    _show(ax_img, img)
+    ax_img.set_title(_short(f"predicted: {predicted}", 30), fontsize=9, pad=3)
+
+    bar_x = margin + img_w + gap
+    bar_w = width - bar_x - margin
+    ax = fig.add_axes(rect(bar_x, head_h + 0.25, bar_w, bar_h - 0.25))
     segs = _stacked_segments(seg_vals)
-    lo = min(0.0, min(left + w for _, left, w in segs))
-    hi = max(0.0, max(left + w for _, left, w in segs))
+    ends = [0.0, logit, *(left + w for _, left, w in segs)]
+    lo, hi = min(ends), max(ends)
     span = hi - lo if hi > lo else 1.0
-    inches_per_unit = ax.get_position().width * fig.get_figwidth() / (1.08 * span)
+    inches_per_unit = bar_w / (1.08 * span)
+    y_stack, y_logit = 1.0, 0.0
     for i, left, w in segs:
-        is_bias = i == len(seg_vals) - 1
         ax.barh(
-            0,
+            y_stack,
             w,
             left=left,
-            height=0.6,
+            height=0.62,
             color=colours[i],
             edgecolor="#333333",
             linewidth=0.6,
-            hatch="//" if is_bias else None,
+            hatch={"bias": "//", "other": ".."}.get(kinds[i]),
+            gid=f"segment:{kinds[i]}",
         )
         chars = int(abs(w) * inches_per_unit / 0.075)  # ~0.075 in per character at 7 pt
         if chars >= 4:
-            label_colour = "black" if i >= n else "white"
             ax.text(
                 left + w / 2,
-                0,
+                y_stack,
                 _short(seg_names[i], chars),
                 ha="center",
                 va="center",
                 fontsize=7,
-                color=label_colour,
-                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1} if is_bias else None,
+                color=_ink_on(colours[i]),
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1}
+                if kinds[i] == "bias"
+                else None,
             )
-    ax.axvline(0, color="#555555", linewidth=0.8)
-    ax.plot([logit, logit], [-0.45, 0.45], color="black", linewidth=2.5)
-    ax.annotate(
-        f"logit {_fmt(logit)}",
-        (logit, 0.45),
-        xytext=(0, 3),
-        textcoords="offset points",
-        ha="center",
-        va="bottom",
+    ax.barh(y_logit, logit, height=0.38, color="#333333", gid="logit")
+    ax.text(
+        logit,
+        y_logit,
+        f" logit {_fmt(logit)} ",
+        ha="left" if logit >= 0 else "right",
+        va="center",
         fontsize=8,
         fontweight="bold",
     )
-    ax.set_xlim(lo - 0.04 * span, hi + 0.04 * span)
-    ax.set_ylim(-0.6, 0.8)
-    ax.set_yticks([])
+    # The net of the stacked bar is the logit: a dashed guide from the logit bar up through it.
+    ax.plot([logit, logit], [y_logit, y_stack + 0.42], color="black", linewidth=1.2, ls="--")
+    ax.axvline(0, color="#555555", linewidth=0.8)
+    label_room = 1.1 / inches_per_unit  # the logit label is about 1.1 in wide
+    ax.set_xlim(
+        min(lo - 0.04 * span, logit - label_room if logit < 0 else lo),
+        max(hi + 0.04 * span, logit + label_room if logit >= 0 else hi),
+    )
+    ax.set_ylim(-0.45, 1.5)
+    ax.set_yticks([y_logit, y_stack], ["logit", "concepts\n+ bias"], fontsize=8)
+    ax.tick_params(axis="y", length=0)
     ax.set_xlabel("contribution to the logit", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.tick_params(axis="x", labelsize=7)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_title(f"{predicted}: logit split into concept contributions", fontsize=9)
+    ax.set_title(f"{_short(predicted, 40)}: logit split into concept contributions", fontsize=9)
 
-    for i in range(n):
-        axt = fig.add_subplot(grid[1, 2 + i])
-        _show(axt, thumbs[i], frame=colours[i])
-        axt.set_title(_short(names[i], 18), fontsize=7, pad=2)
-        axt.set_xlabel(
-            _fmt(vals[i], "+.3f"),
-            fontsize=8,
-            labelpad=2,
-            color=_POS_COLOUR if vals[i] >= 0 else _NEG_COLOUR,
-        )
-    fig.suptitle(f"Why {predicted}?", fontsize=12, fontweight="bold", y=0.985)
+    if n:
+        side = min(1.05, (bar_w / n) - 0.2)
+        row_top = head_h + max(img_w, bar_h + axis_h) + 0.3
+        for i in range(n):
+            cx = bar_x + (i + 0.5) * bar_w / n
+            axt = fig.add_axes(rect(cx - side / 2, row_top, side, side))
+            _show(axt, thumbs[i], frame=colours[i])
+            axt.set_title(_short(names[i], 18), fontsize=7, pad=3)
+            axt.set_xlabel(
+                _fmt(vals[i], "+.3f"),
+                fontsize=8,
+                labelpad=2,
+                color=_POS_COLOUR if vals[i] >= 0 else _NEG_COLOUR,
+            )
+    fig.suptitle(
+        f"Why {_short(predicted, 40)}?",
+        fontsize=12,
+        fontweight="bold",
+        y=1 - 0.1 / height,
+        va="top",
+    )
     fig.text(
         0.5,
-        0.925,
+        1 - 0.45 / height,
         completeness_text(logit, total, bias, err),
         ha="center",
         va="top",
