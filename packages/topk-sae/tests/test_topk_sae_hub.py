@@ -126,6 +126,31 @@ def test_from_pretrained_builds_the_calling_class(tmp_path: Path, cache: Path) -
     assert type(hub) is MySAE
 
 
+def test_model_methods_take_and_forward_every_hub_argument(cache: Path) -> None:
+    import inspect
+
+    from topk_sae import hub
+
+    for method, function in (
+        (BiasFreeTopKSAE.from_pretrained, hub.from_pretrained),
+        (BiasFreeTopKSAE.push_to_hub, hub.push_to_hub),
+    ):
+        own = list(inspect.signature(method).parameters.values())
+        free = list(inspect.signature(function).parameters.values())[1:]  # less cls / model
+        assert [(p.name, p.kind, p.default) for p in own if p.name != "self"] == [
+            (p.name, p.kind, p.default) for p in free
+        ]
+    # force_download reaches hf_hub_download (which refuses it together with the cache only)
+    with pytest.raises(ValueError, match="force_download"):
+        BiasFreeTopKSAE.from_pretrained(
+            "someone/sae-v1.5", cache_dir=cache, local_files_only=True, force_download=True
+        )
+    meta = BiasFreeTopKSAE.from_pretrained(
+        "someone/sae-v1.5", cache_dir=cache, local_files_only=True, map_location="meta"
+    )
+    assert meta.W_enc.device.type == "meta"
+
+
 def test_missing_local_directories_are_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     for missing in (
