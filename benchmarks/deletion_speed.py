@@ -7,8 +7,9 @@ time matters) with a bias-free TopK concept layer of K = 4096 concepts after ``l
     codes = TopK(ReLU(E f(x)))        f = stem..layer3 (or ..layer4), E: 1x1 conv C -> K
     h(u)  = rest(D u)                 D: 1x1 conv K -> C (bias-free), rest = [layer4] + classifier
 
-Both sides estimate the same Sobol total indices (Jansen estimator, CRAFT's Halton design,
-concept-wise multiplicative masks) with the same chunking:
+Both sides estimate the same Sobol total indices (Jansen estimator, the package's default
+i.i.d. uniform design with the same seed, concept-wise multiplicative masks) with the same
+chunking (the head's cost does not depend on the design's values):
 
 * cached: ``concept_deletion.sobol_total_indices`` -- codes computed once, every masked code
   goes through ``h`` only;

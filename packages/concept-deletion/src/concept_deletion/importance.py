@@ -9,7 +9,7 @@ of each image, from the cached code ``u`` and the head ``h`` only:
 * ``integrated_gradients``: ``u * mean_alpha dy/du(alpha u)`` along the straight path from the
   zero baseline, with a Riemann or trapezoid rule (Sundararajan et al.);
 * ``sobol``: Sobol total indices of concept-wise multiplicative masks ``u * m`` (Jansen
-  estimator on a quasi-random design, as CRAFT);
+  estimator, as CRAFT; on i.i.d. uniform masks by default, CRAFT's Halton design on request);
 * ``occlusion``: ``y(u) - y(u with concept k set to 0)``;
 * ``random``: i.i.d. uniform scores, the floor.
 
@@ -96,12 +96,16 @@ class ImportanceConfig:
         ig_rule: quadrature rule of Integrated Gradients.
         sobol_designs: number of designs ``N`` of the Sobol estimator; it costs
             ``N * (K_active + 1)`` head evaluations per image (CRAFT: 32; FaCT paper: 4).
-        sobol_sequence: quasi-random sequence of the Sobol design (CRAFT: Halton).
-        sobol_scramble: scramble the sequence (CRAFT: no).
+        sobol_sequence: point set of the Sobol design: ``'random'`` (default; i.i.d. uniform
+            masks, unbiased at any K) or ``'halton'`` / ``'sobol'``. CRAFT's and the paper's
+            design is unscrambled ``'halton'``: reproduce it with ``sobol_sequence='halton'``,
+            but at thousands of concepts its indices follow the concept index rather than the
+            head (see :mod:`concept_deletion.sobol`).
+        sobol_scramble: scramble a ``'halton'`` or ``'sobol'`` sequence (CRAFT: no).
         skip_inactive: give concepts whose code is 0 at every position of an image exactly 0
             importance under Sobol and occlusion without evaluating them (their masks leave
             the code unchanged, so the estimate would be exactly 0 anyway).
-        seed: seed of the random order and of scrambled designs.
+        seed: seed of the random order and of the random (or scrambled) Sobol design.
         max_elements: memory budget, code elements per forward pass of the head.
     """
 
@@ -109,7 +113,7 @@ class ImportanceConfig:
     ig_steps: int = 32
     ig_rule: IGRule | str = IGRule.TRAPEZOID
     sobol_designs: int = 4
-    sobol_sequence: QMCSequence | str = QMCSequence.HALTON
+    sobol_sequence: QMCSequence | str = QMCSequence.RANDOM
     sobol_scramble: bool = False
     skip_inactive: bool = True
     seed: int = 0
