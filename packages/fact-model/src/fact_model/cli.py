@@ -336,7 +336,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         top_k=args.top_k, max_concepts=args.max_concepts, batch_size=args.batch_size, device=args.device,
         progress=not args.no_progress, overwrite=args.overwrite,
     )  # fmt: skip
-    print(f"atlas written: open {path / 'index.html'} in a browser")
+    print(f"atlas written: open {path} in a browser")
     return 0
 
 

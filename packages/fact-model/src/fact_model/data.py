@@ -342,7 +342,7 @@ def open_dataset(spec: str | Any, *, split: str | None = None) -> ImageSource:
     if kind == "world":
         from fact_model.world_source import WorldImages
 
-        return WorldImages(split=rest or split or "train")
+        return WorldImages.from_spec(rest, split)
     raise ValueError(
         f"unknown dataset spec {spec!r}; use imagefolder:PATH, hf:NAME[:SPLIT], "
         "hf-disk:PATH[:SPLIT] or world[:SPLIT]"

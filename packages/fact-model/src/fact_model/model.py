@@ -194,7 +194,7 @@ class FaCT(nn.Module):
                 )
             set_module(backbone, name, ConceptLayer(find_module(backbone, name), sae, name))
         self.backbone = backbone
-        self.backbone.eval()
+        self.eval()  # explanations need eval-mode norms; call .train() explicitly to fine-tune
         self._shapes = {n: tuple(shapes[n]) for n in names}
 
     # ------------------------------------------------------------------ structure
