@@ -94,3 +94,50 @@ def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+def _base_argv(p: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "--images", str(p["images"]), "--activations", str(p["acts"]), "--attributions", str(p["maps"]),
+        "--backbone", f"oracle:{p['oracle']}", "--resize", "0", "--crop", "0", "--no-progress",
+        "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_offline_without_cached_weights_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = _write_inputs(tmp_path)
+    argv = _base_argv(p, tmp_path / "r.json")
+    argv[argv.index("--backbone") + 1] = "someone/dinov2-never-downloaded+bilinear"
+    assert main([*argv, "--offline"]) == 2  # not an OSError traceback
+    err = capsys.readouterr().err
+    assert "c2score: error:" in err and "--offline" in err and "cache" in err
+    assert "someone/dinov2-never-downloaded" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("which", ["acts", "maps", "oracle"])
+def test_a_corrupt_file_is_named_in_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str
+) -> None:
+    p = _write_inputs(tmp_path)
+    p[which].write_bytes(b"not a safetensors file")  # safetensors raises its own error type
+    assert main(_base_argv(p, tmp_path / "r.json")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("c2score: error:") and str(p[which]) in err
+    assert "not a readable safetensors file" in err and "Traceback" not in err
+
+
+def test_an_undefined_c2_exits_non_zero_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = _write_inputs(tmp_path)
+    save_file({"activations": torch.zeros(N + 1, 2)}, str(p["acts"]))  # nothing is active
+    out = tmp_path / "r.json"
+    assert main(_base_argv(p, out)) == 3
+    err = capsys.readouterr().err
+    assert "C2 is undefined" in err and "no concept could be scored" in err
+    assert "--allow-nan" in err
+    report = json.loads(out.read_text())  # the report is written all the same
+    assert report["c2"] is None and "no concept" in report["c2_undefined_reason"]
+    assert main([*_base_argv(p, out), "--allow-nan"]) == 0

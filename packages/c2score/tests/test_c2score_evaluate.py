@@ -12,12 +12,14 @@ from safetensors.torch import save_file
 from c2score import (
     ActivationTable,
     EvalConfig,
+    OracleFeatures,
     RandomBaselineConfig,
     SelectionConfig,
     evaluate_c2,
     random_attribution,
     save_activation_table,
 )
+from c2score.report import UndefinedScoreWarning
 
 N, C, D, H, W = 36, 6, 8, 12, 10
 
@@ -326,10 +328,51 @@ def test_sparse_table_file_and_stored_maps_and_an_empty_result(tmp_path: Path) -
     )
     _assert_same(from_files, evaluate_c2(images, acts, maps, TinyExtractor(), cfg))
 
-    empty = evaluate_c2(images, torch.zeros(N, 2), maps[:, :2], TinyExtractor(), cfg)
+    with pytest.warns(UndefinedScoreWarning, match="no concept could be scored"):
+        empty = evaluate_c2(images, torch.zeros(N, 2), maps[:, :2], TinyExtractor(), cfg)
     assert math.isnan(empty.c2) and empty.concept_ids == []
     assert empty.skipped_concepts["no_active_images"] == [0, 1]
     empty.save_json(tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["c2"] is None and report["baseline"]["mean"] is not None
     assert "C2-score" in empty.summary()
+
+
+def test_an_empty_concept_set_is_refused_as_such() -> None:
+    """Zero concepts used to flag every image as 'non_finite_activations' (all of a 0-wide row
+    is non-finite) and end in "no image could be used"."""
+    images, acts, maps = _data(9)
+    with pytest.raises(ValueError, match=r"no concepts \(36 x 0\)"):
+        evaluate_c2(images, acts[:, :0], maps[:, :0], TinyExtractor(), EvalConfig(progress=False))
+
+
+def test_no_usable_image_lists_the_reasons_it_refers_to() -> None:
+    images, acts, maps = _data(10)
+    bad = [im * 3 for im in images]  # float images outside [0, 1]: all invalid
+    bad[4] = torch.rand(3, 1, 1)  # smaller than the patch
+    with pytest.raises(ValueError, match="no image could be used") as err:
+        evaluate_c2(bad, acts, maps, TinyExtractor(), EvalConfig(progress=False))
+    msg = str(err.value)
+    assert "35 x invalid_image" in msg and "1 x smaller_than_patch" in msg
+    assert "float image values must lie in [0, 1]" in msg  # the example detail of the reason
+
+
+def test_undefined_c2_warns_and_says_why() -> None:
+    images, acts, maps = _data(11)
+    cfg = EvalConfig(progress=False)
+    with pytest.warns(UndefinedScoreWarning, match="at least 2 usable images") as rec:
+        one = evaluate_c2(images[:1], acts[:1], maps[:1], TinyExtractor(), cfg)
+    assert math.isnan(one.c2) and one.undefined_reason is not None
+    assert "no concept could be scored" in str(rec[0].message)
+    assert one.to_dict()["c2_undefined_reason"] == one.undefined_reason
+    fine = evaluate_c2(images, acts, maps, TinyExtractor(), cfg)
+    assert math.isfinite(fine.c2) and fine.undefined_reason is None
+
+
+def test_oracle_with_fewer_maps_than_images_is_refused_up_front() -> None:
+    images, acts, maps = _data(12)
+    feats = torch.rand(N - 4, 3, H, W)
+    with pytest.raises(ValueError, match=r"feature maps for 32 images.*36 rows"):
+        evaluate_c2(images, acts, maps, OracleFeatures(feats, dim=3), EvalConfig(progress=False))
+    with pytest.raises(ValueError, match=r"\(N, 3, h, w\)"):
+        OracleFeatures(torch.rand(N, 2, H, W), dim=3)

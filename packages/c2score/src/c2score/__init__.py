@@ -23,7 +23,7 @@ from c2score.io import (
     load_activation_table,
     save_activation_table,
 )
-from c2score.report import C2Result
+from c2score.report import C2Result, UndefinedScoreWarning
 from c2score.selection import Selection, SelectionConfig, n_to_select, select_images
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "Selection",
     "SelectionConfig",
     "StoredAttributions",
+    "UndefinedScoreWarning",
     "__version__",
     "evaluate_c2",
     "load_activation_table",

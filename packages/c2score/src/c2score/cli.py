@@ -9,39 +9,48 @@ Row i of the activation table belongs to the i-th image file of the folder in so
 path order; attribution maps must be aligned with the images *after* ``--resize``/``--crop``
 (they are resized bilinearly to that resolution). ``--backbone oracle:FILE.safetensors`` uses
 the (N, D, h, w) tensor ``features`` of that file as per-pixel features (validation runs).
+
+Exit status: 0 on success; 2 when the run fails (any error is printed as one line, ``--traceback``
+shows the full trace); 3 when the score is undefined (C2 = NaN: no concept could be scored, or
+fewer than two usable images) -- the report is still written -- unless ``--allow-nan``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from c2score.baseline import RandomBaselineConfig
 from c2score.evaluate import EvalConfig, evaluate_c2
 from c2score.features.oracle import OracleFeatures
-from c2score.io import ImageFolder
+from c2score.io import ImageFolder, open_safetensors
+from c2score.report import C2Result, UndefinedScoreWarning
 from c2score.selection import SelectionConfig
+
+EXIT_ERROR = 2
+"""Exit status of a failed run (bad input, missing weights, any other error)."""
+EXIT_UNDEFINED = 3
+"""Exit status when C2 is NaN (the report is written all the same); ``--allow-nan`` gives 0."""
 
 
 def _oracle(path: str) -> OracleFeatures:
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path, "oracle feature file") as f:
         if "features" not in set(f.keys()):
-            raise SystemExit(f"c2score: {path} has no 'features' tensor (N, D, h, w)")
+            raise ValueError(f"{path} has no 'features' tensor (N, D, h, w)")
         feats = f.get_tensor("features")
     if feats.ndim != 4:
-        raise SystemExit(
-            f"c2score: oracle 'features' must be (N, D, h, w), got {tuple(feats.shape)}"
-        )
+        raise ValueError(f"oracle 'features' must be (N, D, h, w), got {tuple(feats.shape)}")
     return OracleFeatures(feats, dim=int(feats.shape[1]))
 
 
 def _labels(path: str) -> torch.Tensor:
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path, "baseline-groups file") as f:
         if "labels" not in set(f.keys()):
             raise ValueError(f"{path} has no 'labels' tensor (one integer label per image)")
         return f.get_tensor("labels")
@@ -107,41 +116,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--histogram", default=None, help="PNG of the score distribution")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--allow-nan",
+        action="store_true",
+        help=f"exit with 0 when C2 is undefined (NaN) instead of {EXIT_UNDEFINED}",
+    )
+    p.add_argument("--traceback", action="store_true", help="show the full trace of an error")
     return p
+
+
+def _describe(error: Exception, args: argparse.Namespace) -> str:
+    """One line for the terminal: the error, with a hint where the cause is a usual one."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, (ValueError, TypeError, OSError)):  # unexpected: name the kind
+        text = f"{type(error).__name__}: {text}"
+    if args.offline and isinstance(error, OSError) and not args.backbone.startswith("oracle:"):
+        text = (
+            f"--offline: the weights for {args.backbone!r}"
+            + (f" / {args.upsampler_weights!r}" if args.upsampler_weights else "")
+            + " are not in the local Hugging Face cache (HF_HUB_CACHE); run once without "
+            "--offline to download them, or pass local directories / files instead of Hub ids"
+            f" ({text})"
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = EvalConfig(
-            selection=SelectionConfig(args.top_fraction, args.min_top, args.min_images),
-            baseline=RandomBaselineConfig(tuple(args.seeds), args.baseline_weight),
-            batch_size=args.batch_size,
-            checkpoint_every=args.checkpoint_every,
-            device=args.device,
-            progress=not args.no_progress,
-            relu_before_resize=not args.resize_then_relu,
+        with warnings.catch_warnings():  # reported below, with the exit status
+            warnings.simplefilter("ignore", UndefinedScoreWarning)
+            result = _run(args)
+        result.save_json(args.out)
+        print(result.summary())
+        print(f"report: {args.out}")
+        if args.histogram and not result.save_histogram(args.histogram):
+            print("histogram skipped: matplotlib is not installed", file=sys.stderr)
+    except Exception as e:  # a command line prints errors, it does not crash
+        if args.traceback:
+            raise
+        print(f"c2score: error: {_describe(e, args)}", file=sys.stderr)
+        return EXIT_ERROR
+    if not math.isfinite(result.c2):
+        print(
+            f"c2score: {'warning' if args.allow_nan else 'error'}: C2 is undefined (NaN): "
+            f"{result.undefined_reason}; the report was written to {args.out}"
+            + ("" if args.allow_nan else ". Pass --allow-nan to exit with status 0 in this case"),
+            file=sys.stderr,
         )
-        images = ImageFolder(args.images, resize=args.resize or None, crop=args.crop or None)
-        result = evaluate_c2(
-            images,
-            Path(args.activations),
-            Path(args.attributions),
-            _extractor(args),  # type: ignore[arg-type]
-            config,
-            work_dir=args.work_dir,
-            lowres_cache=args.lowres_cache,
-            baseline_groups=_labels(args.baseline_groups) if args.baseline_groups else None,
-        )
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"c2score: error: {e}", file=sys.stderr)
-        return 2
-    result.save_json(args.out)
-    print(result.summary())
-    print(f"report: {args.out}")
-    if args.histogram and not result.save_histogram(args.histogram):
-        print("histogram skipped: matplotlib is not installed", file=sys.stderr)
+        return 0 if args.allow_nan else EXIT_UNDEFINED
     return 0
+
+
+def _run(args: argparse.Namespace) -> C2Result:
+    """The evaluation the arguments describe."""
+    config = EvalConfig(
+        selection=SelectionConfig(args.top_fraction, args.min_top, args.min_images),
+        baseline=RandomBaselineConfig(tuple(args.seeds), args.baseline_weight),
+        batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        progress=not args.no_progress,
+        relu_before_resize=not args.resize_then_relu,
+    )
+    images = ImageFolder(args.images, resize=args.resize or None, crop=args.crop or None)
+    return evaluate_c2(
+        images,
+        Path(args.activations),
+        Path(args.attributions),
+        _extractor(args),  # type: ignore[arg-type]
+        config,
+        work_dir=args.work_dir,
+        lowres_cache=args.lowres_cache,
+        baseline_groups=_labels(args.baseline_groups) if args.baseline_groups else None,
+    )
 
 
 if __name__ == "__main__":

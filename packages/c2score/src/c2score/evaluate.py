@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +53,7 @@ from c2score.io import (
     resize_maps,
     to_rgb_tensor,
 )
-from c2score.report import C2Result
+from c2score.report import C2Result, UndefinedScoreWarning
 from c2score.selection import Selection, SelectionConfig, select_images
 
 __all__ = ["EvalConfig", "evaluate_c2"]
@@ -357,10 +359,22 @@ def evaluate_c2(
         if isinstance(activations, torch.Tensor)
         else activations
     )
+    if table.n_images == 0 or table.n_concepts == 0:
+        raise ValueError(
+            f"the activation table has no {'images' if table.n_images == 0 else 'concepts'} "
+            f"({table.n_images} x {table.n_concepts}): nothing to score; it needs one row per "
+            "image and one column per concept"
+        )
     if hasattr(images, "__len__") and len(images) != table.n_images:  # type: ignore[arg-type]
         raise ValueError(
             f"{len(images)} images but the activation table has {table.n_images} rows; row i "  # type: ignore[arg-type]
             "of the table must belong to the i-th image"
+        )
+    n_known = getattr(extractor, "n_images", None)
+    if isinstance(n_known, int) and n_known < table.n_images:
+        raise ValueError(
+            f"the feature extractor holds feature maps for {n_known} images, but the activation "
+            f"table has {table.n_images} rows; give one (D, h, w) map per image, in table order"
         )
     selection = select_images(table, config.selection)
     group_N, n_groups = _groups(baseline_groups, table.n_images)
@@ -600,7 +614,7 @@ def _finalise(
     n_slots = len(selection.concept_ids)
     seeds = config.baseline.seeds
     if state.n_feat == 0:
-        raise ValueError("no image could be used (see the skipped-image reasons): nothing to score")
+        raise ValueError(f"no image could be used: {_skip_summary(state)}; nothing to score")
     mu_D = state.feat_sum_D / state.n_feat
     acc = ConsistencyAccumulator(n_slots + n_groups * len(seeds), dim)
     pair_skips = Counter(state.pair_skips)
@@ -621,7 +635,11 @@ def _finalise(
     mean_c = float(concept_cons.mean()) if len(concept_cons) else float("nan")
     base_mean = float(base.mean())
     base_std = float(base.std()) if len(base) > 1 else 0.0
+    reason = _undefined_reason(len(concept_cons), skipped, base_mean, state.n_feat, n_groups)
+    if reason is not None:
+        warnings.warn(f"C2 is undefined (NaN): {reason}", UndefinedScoreWarning, stacklevel=3)
     return C2Result(
+        undefined_reason=reason,
         c2=mean_c - base_mean,
         mean_consistency=mean_c,
         baseline_mean=base_mean,
@@ -647,3 +665,27 @@ def _finalise(
             "torch": torch.__version__,
         },
     )
+
+
+def _skip_summary(state: _Pass) -> str:
+    """'35 x invalid_image (e.g. image 0: ...), 1 x ...': the skipped images by reason."""
+    if not state.image_skips:
+        return "no image was processed"
+    return ", ".join(
+        f"{n} x {reason} (e.g. {state.skipped_examples.get(reason, '?')})"
+        for reason, n in state.image_skips.most_common()
+    )
+
+
+def _undefined_reason(
+    n_scored: int, skipped: dict[str, list[int]], base_mean: float, n_used: int, n_groups: int
+) -> str | None:
+    """Why C2 is NaN, or None when both of its terms are numbers."""
+    reasons = []
+    if n_scored == 0:
+        by_reason = ", ".join(f"{len(v)} x {k}" for k, v in skipped.items() if v)
+        reasons.append(f"no concept could be scored ({by_reason or 'no concepts'})")
+    if not math.isfinite(base_mean):
+        where = "in at least one group" if n_groups > 1 else f"got {n_used}"
+        reasons.append(f"the random baseline needs at least 2 usable images ({where})")
+    return "; ".join(reasons) or None

@@ -25,13 +25,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "atomic_save_safetensors",
     "atomic_write_text",
     "load_activation_table",
+    "open_safetensors",
     "pil_to_tensor",
     "save_activation_table",
     "to_rgb_tensor",
@@ -122,6 +123,18 @@ def atomic_save_safetensors(
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def open_safetensors(path: str | Path, what: str) -> Any:
+    """``safe_open(path)``, with the file and its role named when it does not exist or is not
+    a safetensors file (safetensors' own error says neither)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{what} {path} is not a readable safetensors file: {e}") from None
+
+
 # ----------------------------------------------------------------------------- activations
 
 
@@ -194,9 +207,7 @@ class ActivationTable:
 def load_activation_table(path: str | Path) -> ActivationTable:
     """Read a dense or sparse activation table from safetensors (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"activation table {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path, "activation table") as f:
         keys = set(f.keys())
         if "activations" in keys:
             return ActivationTable.from_dense(f.get_tensor("activations"))
@@ -263,9 +274,7 @@ class StoredAttributions:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"attribution file {self.path} does not exist")
-        self._file = safe_open(str(self.path), framework="pt")
+        self._file = open_safetensors(self.path, "attribution file")
         keys = set(self._file.keys())
         if "maps" not in keys:
             raise ValueError(f"{self.path} has no 'maps' key (keys: {sorted(keys)})")

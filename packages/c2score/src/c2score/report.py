@@ -12,7 +12,12 @@ import numpy as np
 
 from c2score.io import atomic_path, atomic_write_text
 
-__all__ = ["C2Result"]
+__all__ = ["C2Result", "UndefinedScoreWarning"]
+
+
+class UndefinedScoreWarning(RuntimeWarning):
+    """C2 came out NaN: no concept could be scored, or the random baseline is undefined (fewer
+    than two usable images). The result says why in :attr:`C2Result.undefined_reason`."""
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -51,6 +56,9 @@ class C2Result:
     baseline_per_group: list[float] | None = None
     """Per-group baseline (mean over seeds) when groups were given; NaN for groups < 2 images."""
     config: dict[str, Any] = field(default_factory=dict)
+    undefined_reason: str | None = None
+    """Why ``c2`` is NaN (None when it is a number); :func:`~c2score.evaluate_c2` also warns
+    with an :class:`UndefinedScoreWarning`."""
 
     def histogram(self, bins: int = 20) -> tuple[list[float], list[int]]:
         """(bin edges, counts) of the per-concept consistencies over [-1, 1]."""
@@ -63,6 +71,7 @@ class C2Result:
         edges, counts = self.histogram()
         return {
             "c2": _finite_or_none(self.c2),
+            "c2_undefined_reason": self.undefined_reason,
             "mean_consistency": _finite_or_none(self.mean_consistency),
             "baseline": {
                 "mean": _finite_or_none(self.baseline_mean),

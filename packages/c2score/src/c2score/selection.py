@@ -173,8 +173,9 @@ def select_images(
         n_bad_N.index_add_(
             0, table.image_index[bad_entries], torch.ones_like(n_bad_N)[: int(bad_entries.sum())]
         )
-    bad_images = torch.nonzero(n_bad_N == n_concepts).flatten()
-    row_ok_N = n_bad_N < n_concepts
+    # (with no concepts at all, "every entry non-finite" would hold vacuously for every row)
+    row_ok_N = (n_bad_N < n_concepts) | (n_concepts == 0)
+    bad_images = torch.nonzero(~row_ok_N).flatten()
     if table.dense is not None:
         for c0 in range(0, n_concepts, block_concepts):
             block = table.dense[:, c0 : c0 + block_concepts].float()

@@ -20,7 +20,12 @@ __all__ = ["IndexedFeatureExtractor", "OracleFeatures"]
 
 @runtime_checkable
 class IndexedFeatureExtractor(Protocol):
-    """A feature extractor that needs to know which evaluation images it is given."""
+    """A feature extractor that needs to know which evaluation images it is given.
+
+    An implementation may also have an ``n_images`` attribute (the number of images it holds
+    features for, or None if unknown); :func:`~c2score.evaluate_c2` then refuses up front an
+    activation table with more rows than that, instead of failing in the middle of the pass.
+    """
 
     @property
     def dim(self) -> int: ...
@@ -34,18 +39,29 @@ class OracleFeatures:
     """Serves user-supplied (D, h, w) feature maps per image index, resized to image resolution.
 
     ``maps`` is an (N, D, h, w) tensor, a sequence of (D, h, w) tensors, or a callable
-    ``index -> (D, h, w)``. Maps of another resolution than the image are resized bilinearly.
+    ``index -> (D, h, w)``; map i belongs to image i (row i of the activation table). Maps of
+    another resolution than the image are resized bilinearly.
     """
 
     def __init__(
         self, maps: torch.Tensor | Sequence[torch.Tensor] | Callable[[int], torch.Tensor], dim: int
     ) -> None:
-        self._maps = maps
         self._dim = int(dim)
+        if isinstance(maps, torch.Tensor) and (maps.ndim != 4 or maps.shape[1] != self._dim):
+            raise ValueError(
+                f"oracle feature maps must be an (N, {self._dim}, h, w) tensor (one (D, h, w) "
+                f"map per image), got {tuple(maps.shape)}"
+            )
+        self._maps = maps
 
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def n_images(self) -> int | None:
+        """Number of images with a map (None for a callable: unknown)."""
+        return None if callable(self._maps) else len(self._maps)
 
     def _map(self, index: int) -> torch.Tensor:
         m = self._maps(index) if callable(self._maps) else self._maps[index]
