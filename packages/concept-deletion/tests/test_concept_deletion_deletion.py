@@ -167,7 +167,7 @@ def test_schedules() -> None:
     assert geo[0] == 0 and geo[1] == 1 and geo[-1] == 4096 and np.all(np.diff(geo) > 0)
     np.testing.assert_allclose(np.diff(np.log(geo[1:])), np.log(2), rtol=1e-3)
     assert deletion_schedule(5, "geometric", 50).tolist() == list(range(6))
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="schedule must be one of"):
         deletion_schedule(5, "cubic")
 
 

@@ -158,7 +158,7 @@ def test_bad_inputs_give_clear_errors() -> None:
     head, codes = LinearHead(SHAPES["BK"]), random_codes("BK")
     with pytest.raises(ValueError, match="needs the model's contributions"):
         local_importance("contribution", head, codes, TARGETS, "BK")
-    with pytest.raises(ValueError, match="unknown importance measure"):
+    with pytest.raises(ValueError, match="measure must be one of"):
         local_importance("lime", head, codes, TARGETS, "BK")
     with pytest.raises(ValueError, match="targets must be"):
         saliency(head, codes, torch.tensor([0, 1]), "BK")

@@ -172,5 +172,5 @@ def test_compare_measures_on_one_batch() -> None:
     np.testing.assert_allclose(curves[2].scores, best.scores, atol=1e-10)  # IG exact if linear
     with pytest.raises(ValueError, match="global ordering needs"):
         compare_measures(model.head, codes, labels, "BKHW", cfg, contributions=contrib)
-    with pytest.raises(ValueError, match="unknown importance measure"):
+    with pytest.raises(ValueError, match="measure must be one of"):
         compare_measures(model.head, codes, labels, "BKHW", ComparisonConfig(measures=("x",)))

@@ -115,7 +115,7 @@ def test_design_matches_crafts_construction() -> None:
     np.testing.assert_allclose(b[1], [1 / 7, 1 / 11, 1 / 13])
     with pytest.raises(ValueError, match="at most 21201"):
         quasi_random_design(4, 11000, sequence="sobol")
-    with pytest.raises(ValueError, match="unknown sequence"):
+    with pytest.raises(ValueError, match="sequence must be one of"):
         quasi_random_design(4, 3, sequence="lhs")
     with pytest.raises(ValueError, match=r"i\.i\.d\. uniform already"):
         quasi_random_design(4, 3, scramble=True)

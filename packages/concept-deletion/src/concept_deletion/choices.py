@@ -9,8 +9,9 @@ from typing import Self
 class ChoiceEnum(StrEnum):
     """A ``StrEnum`` whose ``parse`` names the option and its valid values on a bad input.
 
-    Subclasses say what they are with a class keyword: ``class Layout(ChoiceEnum, kind="code
-    layout")``; ``Layout.parse("x")`` then raises ``unknown code layout 'x'; use one of ...``.
+    Subclasses name the argument they are with a class keyword: ``class Mode(ChoiceEnum,
+    kind="mode")``; ``Mode.parse("remove")`` then raises ``mode must be one of 'deletion',
+    'insertion', got 'remove'`` (instead of the enum's own "'remove' is not a valid Mode").
     """
 
     def __init_subclass__(cls, *, kind: str = "option", **kwargs: object) -> None:
@@ -23,4 +24,4 @@ class ChoiceEnum(StrEnum):
             return cls(value)
         except ValueError:
             names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"unknown {cls._choice_kind} {value!r}; use one of {names}") from None
+            raise ValueError(f"{cls._choice_kind} must be one of {names}, got {value!r}") from None

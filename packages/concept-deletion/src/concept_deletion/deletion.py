@@ -11,7 +11,6 @@ an insertion; the deletion fraction counts only the other concepts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import StrEnum
 from typing import NamedTuple
 
 import numpy as np
@@ -34,14 +33,14 @@ __all__ = [
 ]
 
 
-class Mode(StrEnum):
+class Mode(ChoiceEnum, kind="mode"):
     """Remove concepts from the full code (deletion) or add them to the empty code (insertion)."""
 
     DELETION = "deletion"
     INSERTION = "insertion"
 
 
-class Score(StrEnum):
+class Score(ChoiceEnum, kind="score"):
     """What is followed for the target class: the raw logit or its softmax probability."""
 
     LOGIT = "logit"
@@ -203,7 +202,7 @@ def deletion_curve(
     b, k = codes.shape[0], codes.shape[layout.concept_dim]
     if importance_BK.shape != (b, k):
         raise ValueError(f"importance must be (B, K) = {(b, k)}, got {tuple(importance_BK.shape)}")
-    mode, score = Mode(mode), Score(score)
+    mode, score = Mode.parse(mode), Score.parse(score)
     t = torch.as_tensor(targets, dtype=torch.long, device=codes.device)
     t = t.expand(b) if t.ndim == 0 else t
     if t.shape != (b,):

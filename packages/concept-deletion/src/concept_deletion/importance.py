@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 from torch import Tensor
@@ -48,7 +47,7 @@ __all__ = [
 ]
 
 
-class Measure(ChoiceEnum, kind="importance measure"):
+class Measure(ChoiceEnum, kind="measure"):
     """The importance measures compared by the concept-deletion metric."""
 
     CONTRIBUTION = "contribution"
@@ -60,7 +59,7 @@ class Measure(ChoiceEnum, kind="importance measure"):
     RANDOM = "random"
 
 
-class IGRule(StrEnum):
+class IGRule(ChoiceEnum, kind="ig_rule"):
     """Quadrature of the Integrated-Gradients path integral with ``steps`` intervals."""
 
     RIEMANN_LEFT = "riemann_left"
@@ -210,7 +209,7 @@ def integrated_gradients(
     """
     layout = check_codes(codes, layout)
     t = _check_targets(targets, codes)
-    alphas, weights = IGRule(config.ig_rule).nodes(config.ig_steps)
+    alphas, weights = IGRule.parse(config.ig_rule).nodes(config.ig_steps)
     avg = _weighted_gradient_sum(head, codes, t, alphas, weights, config.max_elements)
     return reduce_positions(avg * codes, layout, _reduction(config, Reduction.SUM))
 

@@ -19,7 +19,7 @@ from concept_deletion.choices import ChoiceEnum
 __all__ = ["Layout", "Reduction", "apply_masks", "check_codes", "num_concepts", "reduce_positions"]
 
 
-class Layout(ChoiceEnum, kind="code layout"):
+class Layout(ChoiceEnum, kind="layout"):
     """Where the concept axis sits in a code tensor."""
 
     BKHW = "BKHW"
@@ -36,7 +36,7 @@ class Layout(ChoiceEnum, kind="code layout"):
         return self.value.index("K")
 
 
-class Reduction(ChoiceEnum, kind="spatial reduction"):
+class Reduction(ChoiceEnum, kind="reduction"):
     """How a per-position importance map is reduced to one value per concept.
 
     ``sum``/``mean`` keep the sign (for additive measures such as Gradient x Input, the signed

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from concept_deletion.choices import ChoiceEnum
 from concept_deletion.deletion import CurveResult, Mode, Schedule, Score, deletion_curve
 from concept_deletion.head import ConceptModel
 from concept_deletion.importance import (
@@ -45,6 +46,7 @@ __all__ = [
     "ComparisonConfig",
     "Ordering",
     "ProtocolConfig",
+    "Target",
     "always_on_concepts",
     "compare_measures",
     "paper_protocol",
@@ -52,11 +54,18 @@ __all__ = [
 ]
 
 
-class Ordering(StrEnum):
+class Ordering(ChoiceEnum, kind="ordering"):
     """Rank concepts per image (local) or by the class mean of the importances (global)."""
 
     LOCAL = "local"
     GLOBAL = "global"
+
+
+class Target(ChoiceEnum, kind="target"):
+    """Which logit of each image is explained: the top-1 prediction (paper) or the label."""
+
+    PREDICTED = "predicted"
+    LABEL = "label"
 
 
 @dataclass(frozen=True)
@@ -83,16 +92,25 @@ class ComparisonConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
 
     def validate(self) -> None:
-        if not self.measures or not self.orderings or not self.modes:
-            raise ValueError("measures, orderings and modes must not be empty")
-        for m in self.measures:
-            Measure.parse(m)
-        for o in self.orderings:
-            Ordering(o)
-        for m in self.modes:
-            Mode(m)
-        Score(self.score)
-        Schedule(self.schedule)
+        """Refuse unknown or empty options with the shared :class:`ChoiceEnum` errors."""
+        for name, parse in (
+            ("measures", Measure.parse),
+            ("orderings", Ordering.parse),
+            ("modes", Mode.parse),
+        ):
+            values = getattr(self, name)
+            # A bare string would iterate as characters ("sobol" -> 's', 'o', ...).
+            if isinstance(values, str) or not isinstance(values, tuple | list) or not values:
+                raise ValueError(
+                    f"{name} must be a non-empty tuple of names, got {values!r} (e.g. "
+                    f"{name}=({values!r},) for one)"
+                )
+            for value in values:
+                parse(value)
+        Score.parse(self.score)
+        Schedule.parse(self.schedule)
+        if self.n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
 
 
 @dataclass(frozen=True)
@@ -110,13 +128,12 @@ class ProtocolConfig:
     n_classes: int = 50
     per_class: int = 8
     seed: int = 0
-    target: str = "predicted"
+    target: Target | str = Target.PREDICTED
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
 
     def validate(self) -> None:
         self.comparison.validate()
-        if self.target not in ("predicted", "label"):
-            raise ValueError(f"target must be 'predicted' or 'label', got {self.target!r}")
+        Target.parse(self.target)
         if self.n_classes < 1 or self.per_class < 1:
             raise ValueError("n_classes and per_class must be >= 1")
 
@@ -205,7 +222,7 @@ def compare_measures(
         )
         for ordering in config.orderings:
             ranked = imp
-            if Ordering(ordering) is Ordering.GLOBAL:
+            if Ordering.parse(ordering) is Ordering.GLOBAL:
                 if labels is None:
                     raise ValueError("the global ordering needs the images' labels")
                 ranked = expand_class_importance(*class_importance(imp, labels), labels)
@@ -243,7 +260,7 @@ def _run_class(
         codes = model.codes(images)
         check_codes(codes, layout)
         logits = model.head(codes)
-    targets = logits.argmax(dim=1) if config.target == "predicted" else labels
+    targets = logits.argmax(dim=1) if Target.parse(config.target) is Target.PREDICTED else labels
     contrib = None
     if "contribution" in config.comparison.measures:
         if contributions is None:
