@@ -184,7 +184,8 @@ def test_every_head_call_respects_the_memory_budget() -> None:
         sizes.clear()
         local_importance(measure, head, codes, TARGETS, layout, cfg)
         assert sizes and max(sizes) <= budget, measure
-    # Sobol: 64 designs x (5 + 1) rows per image, all streamed in chunks of 3 codes.
+    # Sobol: 64 designs x (5 + 1) rows per image, all streamed in chunks of 3 codes, and one
+    # code to check the targets first.
     sizes.clear()
     sobol_total_indices(head, codes, TARGETS, layout, cfg)
-    assert sum(sizes) == 4 * 64 * 6 * 30
+    assert sum(sizes) == 4 * 64 * 6 * 30 + 30  # + one code: the up-front check of the targets

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from concept_deletion.choices import ChoiceEnum
-from concept_deletion.head import DEFAULT_MAX_ELEMENTS, evaluate_masked
+from concept_deletion.head import (
+    DEFAULT_MAX_ELEMENTS,
+    check_targets,
+    evaluate_masked,
+    target_logits,
+)
 from concept_deletion.layout import Layout, check_codes
 
 __all__ = [
@@ -203,10 +208,7 @@ def deletion_curve(
     if importance_BK.shape != (b, k):
         raise ValueError(f"importance must be (B, K) = {(b, k)}, got {tuple(importance_BK.shape)}")
     mode, score = Mode.parse(mode), Score.parse(score)
-    t = torch.as_tensor(targets, dtype=torch.long, device=codes.device)
-    t = t.expand(b) if t.ndim == 0 else t
-    if t.shape != (b,):
-        raise ValueError(f"targets must be an int or ({b},), got {tuple(t.shape)}")
+    t = check_targets(targets, b, codes.device)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=codes.device)
         if labels.shape != (b,):
@@ -232,7 +234,7 @@ def deletion_curve(
     ):
         img = image_index[start:stop]
         vals = logits.softmax(dim=1) if score is Score.PROBABILITY else logits
-        scores[start:stop] = vals.gather(1, t[img][:, None])[:, 0].double().cpu()
+        scores[start:stop] = target_logits(vals, t[img]).double().cpu()
         if labels is not None:
             correct[start:stop] = (logits.argmax(dim=1) == labels[img]).cpu()
     return CurveResult(

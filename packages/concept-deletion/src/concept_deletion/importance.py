@@ -26,7 +26,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from concept_deletion.choices import ChoiceEnum
-from concept_deletion.head import DEFAULT_MAX_ELEMENTS, evaluate_masked, rows_per_chunk
+from concept_deletion.head import (
+    DEFAULT_MAX_ELEMENTS,
+    check_logits,
+    check_targets,
+    evaluate_masked,
+    rows_per_chunk,
+    target_logits,
+)
 from concept_deletion.layout import Layout, Reduction, apply_masks, check_codes, reduce_positions
 from concept_deletion.sobol import QMCSequence, jansen_total_indices
 
@@ -119,16 +126,6 @@ class ImportanceConfig:
     max_elements: int = DEFAULT_MAX_ELEMENTS
 
 
-def _check_targets(targets: Tensor | int, codes: Tensor) -> Tensor:
-    b = codes.shape[0]
-    t = torch.as_tensor(targets, dtype=torch.long, device=codes.device)
-    if t.ndim == 0:
-        t = t.expand(b)
-    if t.shape != (b,):
-        raise ValueError(f"targets must be an int or shape ({b},), got {tuple(t.shape)}")
-    return t
-
-
 def _weighted_gradient_sum(
     head: Callable[[Tensor], Tensor],
     codes: Tensor,
@@ -153,7 +150,7 @@ def _weighted_gradient_sum(
             logits = head(x)
             if logits.ndim != 2 or logits.shape[0] != rows.numel():
                 raise ValueError(f"the head must return (B, C) logits, got {tuple(logits.shape)}")
-            y = logits.gather(1, targets[img][:, None]).sum()
+            y = target_logits(logits, targets[img]).sum()
             (grad,) = torch.autograd.grad(y, x)
         out.index_add_(0, img, grad * weights[j].view(view))
     return out
@@ -172,7 +169,7 @@ def saliency(
 ) -> Tensor:
     """``|dy/du|`` reduced over positions (default ``max_abs``) -> ``(B, K)``."""
     layout = check_codes(codes, layout)
-    t = _check_targets(targets, codes)
+    t = check_targets(targets, codes.shape[0], codes.device)
     one = torch.ones(1, dtype=torch.float64)
     grad = _weighted_gradient_sum(head, codes, t, one, one, config.max_elements)
     return reduce_positions(grad.abs(), layout, _reduction(config, Reduction.MAX_ABS))
@@ -190,7 +187,7 @@ def gradient_x_input(
     For a head that is linear in the code this is exactly each concept's share of the logit.
     """
     layout = check_codes(codes, layout)
-    t = _check_targets(targets, codes)
+    t = check_targets(targets, codes.shape[0], codes.device)
     one = torch.ones(1, dtype=torch.float64)
     grad = _weighted_gradient_sum(head, codes, t, one, one, config.max_elements)
     return reduce_positions(grad * codes, layout, _reduction(config, Reduction.SUM))
@@ -208,7 +205,7 @@ def integrated_gradients(
     With the signed sum, ``sum_k IG_k ~= y(u) - y(0)`` (completeness), up to quadrature error.
     """
     layout = check_codes(codes, layout)
-    t = _check_targets(targets, codes)
+    t = check_targets(targets, codes.shape[0], codes.device)
     alphas, weights = IGRule.parse(config.ig_rule).nodes(config.ig_steps)
     avg = _weighted_gradient_sum(head, codes, t, alphas, weights, config.max_elements)
     return reduce_positions(avg * codes, layout, _reduction(config, Reduction.SUM))
@@ -233,7 +230,7 @@ def _image_target_fn(
             logits = head(apply_masks(code_1, masks_MK.to(code_1.device), layout))
         if logits.ndim != 2 or logits.shape[0] != masks_MK.shape[0]:
             raise ValueError(f"the head must return (B, C) logits, got {tuple(logits.shape)}")
-        return logits[:, target]
+        return target_logits(logits, target)
 
     return f
 
@@ -255,7 +252,11 @@ def sobol_total_indices(
     hence each estimated index, is the same as without the restriction.
     """
     layout = check_codes(codes, layout)
-    t = _check_targets(targets, codes)
+    t = check_targets(targets, codes.shape[0], codes.device)
+    # One code through the head first: a target the head does not have fails now, not after
+    # hours of designs (nor passes for an image whose concepts are all inactive and skipped).
+    with torch.no_grad():
+        target_logits(check_logits(head(codes[:1]), 1).expand(codes.shape[0], -1), t)
     k = codes.shape[layout.concept_dim]
     chunk = rows_per_chunk(tuple(codes.shape[1:]), config.max_elements)
     out = torch.zeros(codes.shape[0], k, dtype=codes.dtype, device=codes.device)
@@ -299,7 +300,7 @@ def occlusion(
 ) -> Tensor:
     """``y(u) - y(u without concept k)`` for every concept -> ``(B, K)``."""
     layout = check_codes(codes, layout)
-    t = _check_targets(targets, codes)
+    t = check_targets(targets, codes.shape[0], codes.device)
     k = codes.shape[layout.concept_dim]
     out = torch.zeros(codes.shape[0], k, dtype=codes.dtype, device=codes.device)
     for b in range(codes.shape[0]):
@@ -320,7 +321,7 @@ def occlusion(
         image_index = torch.full((idx.numel() + 1,), b, dtype=torch.long)
         ys = torch.cat(
             [
-                logits[:, t[b]]
+                target_logits(logits, int(t[b]))
                 for _, _, logits in evaluate_masked(
                     head, codes, layout, image_index, masks, config.max_elements
                 )

@@ -12,6 +12,7 @@ position (as CRAFT's multiplicative masks), so a mask is always ``(M, K)``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from concept_deletion.choices import ChoiceEnum
@@ -65,6 +66,13 @@ def check_codes(codes: Tensor, layout: Layout | str, name: str = "codes") -> Lay
         raise TypeError(f"{name} must be a floating-point tensor, got {codes.dtype}")
     if codes.shape[layout.concept_dim] == 0 or codes.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch or concept axis: {tuple(codes.shape)}")
+    finite = torch.isfinite(codes)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite)[0].tolist()
+        raise ValueError(
+            f"{name} hold {int((~finite).sum())} NaN/Inf entries (first at index {tuple(bad)}); "
+            "every measure and curve would silently be NaN: fix or drop those images"
+        )
     return layout
 
 
