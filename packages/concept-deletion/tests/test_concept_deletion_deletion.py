@@ -171,6 +171,48 @@ def test_schedules() -> None:
         deletion_schedule(5, "cubic")
 
 
+def test_every_schedule_spans_zero_to_all_concepts() -> None:
+    # Before: geometric with n_steps=1 gave [0, 1], a curve that stopped at 1/K.
+    assert deletion_schedule(4096, "geometric", 1).tolist() == [0, 4096]
+    assert deletion_schedule(4096, "geometric", 2).tolist() == [0, 1, 4096]
+    assert deletion_schedule(4096, "linear", 1).tolist() == [0, 4096]
+    for n in range(1, 40):
+        for steps in range(1, 45):
+            for schedule in ("all", "linear", "geometric"):
+                counts = deletion_schedule(n, schedule, steps)
+                assert counts[0] == 0 and counts[-1] == n, (n, steps, schedule)
+                assert np.all(np.diff(counts) > 0)
+                if schedule == "geometric" and steps < n:
+                    assert counts.size <= steps + 1
+
+
+def test_one_step_geometric_curve_ends_with_everything_deleted() -> None:
+    head, codes = LinearHead(SHAPES["BK"]), random_codes("BK")
+    imp = random_importance(codes, "BK")
+    curve = deletion_curve(head, codes, 0, imp, "BK", schedule="geometric", n_steps=1)
+    np.testing.assert_array_equal(curve.fractions, [0.0, 1.0])
+    np.testing.assert_allclose(curve.scores[:, -1], 0.0)  # bias-free head on the empty code
+    np.testing.assert_allclose(curve.scores[:, 0], head(codes)[:, 0].detach().numpy())
+    assert curve.auc_score == pytest.approx(curve.mean_score[0] / 2)
+
+
+def test_trapezoid_auc_refuses_unsorted_out_of_range_or_nan_inputs() -> None:
+    y = np.array([3.0, 2.0, 1.0, 0.0])
+    assert trapezoid_auc([0, 0.25, 0.5, 1], y) == pytest.approx(0.625 + 0.375 + 0.25)
+    bad = [
+        ([0, 0.5, 0.25, 1], r"strictly increasing .* got 0\.5 then 0\.25 at positions 1, 2"),
+        ([0, 0.5, 0.5, 1], "strictly increasing"),
+        ([0, 0.5, 1, 1.5], r"must lie in \[0, 1\], got the range \[0, 1\.5\]"),
+        ([-0.1, 0.5, 0.7, 1], r"must lie in \[0, 1\]"),
+        ([0, np.nan, 0.5, 1], "finite"),
+    ]
+    for x, match in bad:
+        with pytest.raises(ValueError, match=match):
+            trapezoid_auc(x, y)
+    with pytest.raises(ValueError, match="finite"):
+        trapezoid_auc([0, 0.25, 0.5, 1], [1.0, np.nan, 0.0, 0.0])
+
+
 def test_geometric_schedule_samples_the_same_curve(layout: str) -> None:
     head, codes = SmoothHead(SHAPES[layout]), random_codes(layout)
     imp = random_importance(codes, layout, seed=1)

@@ -57,7 +57,7 @@ class Schedule(ChoiceEnum, kind="schedule"):
 
     ALL = "all"  # every count 0..K (small K)
     LINEAR = "linear"  # n_steps + 1 equally spaced counts
-    GEOMETRIC = "geometric"  # 0 and geometrically spaced counts 1..K (dense at the start)
+    GEOMETRIC = "geometric"  # 0 and n_steps geometrically spaced counts 1..K (dense at the start)
 
 
 class CurveResult(NamedTuple):
@@ -120,18 +120,41 @@ class CurveResult(NamedTuple):
 
 
 def trapezoid_auc(fractions: np.ndarray, values: np.ndarray) -> float:
-    """Area under ``values`` over ``fractions`` (trapezoid rule; fractions span [0, 1])."""
+    """Area under ``values`` over ``fractions`` (trapezoid rule).
+
+    ``fractions`` must be strictly increasing within [0, 1] (a curve's deletion fractions);
+    unsorted or out-of-range fractions, or non-finite values, are refused rather than turned
+    into a meaningless (or NaN) area.
+    """
     x = np.asarray(fractions, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape or x.size < 2:
         raise ValueError(f"need two 1-D arrays of equal length >= 2, got {x.shape}, {y.shape}")
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("fractions and values must be finite (no NaN/Inf)")
+    steps = np.diff(x)
+    if (steps <= 0).any():
+        i = int(np.argmax(steps <= 0))
+        raise ValueError(
+            "fractions must be strictly increasing (sorted, no repeats), got "
+            f"{x[i]:.6g} then {x[i + 1]:.6g} at positions {i}, {i + 1}"
+        )
+    if x[0] < 0 or x[-1] > 1:
+        raise ValueError(f"fractions must lie in [0, 1], got the range [{x[0]:.6g}, {x[-1]:.6g}]")
+    return float(np.sum(steps * (y[1:] + y[:-1]) / 2))
 
 
 def deletion_schedule(
     n_eligible: int, schedule: Schedule | str = Schedule.ALL, n_steps: int = 50
 ) -> np.ndarray:
-    """Sorted unique counts from 0 to ``n_eligible`` at which the curve is evaluated."""
+    """Sorted unique counts at which the curve is evaluated; always 0 first and ``n_eligible``
+    last, so every curve spans the deletion fractions [0, 1].
+
+    ``all``: every count. ``linear``: ``n_steps`` equal intervals (``n_steps + 1`` counts).
+    ``geometric``: 0 and ``n_steps`` counts spaced geometrically from 1 to ``n_eligible``; with
+    ``n_steps=1`` that one count is ``n_eligible`` (``[0, K]``, as ``linear``), never 1. Counts
+    that round to the same integer are merged, and ``n_steps >= n_eligible`` gives every count.
+    """
     if n_eligible < 1:
         raise ValueError(f"need at least one deletable concept, got n_eligible={n_eligible}")
     schedule = Schedule.parse(schedule)
@@ -142,9 +165,12 @@ def deletion_schedule(
     elif schedule is Schedule.LINEAR:
         counts = np.round(np.linspace(0, n_eligible, n_steps + 1)).astype(np.int64)
     else:
-        counts = np.round(np.geomspace(1, n_eligible, n_steps)).astype(np.int64)
-        counts = np.concatenate([[0], counts])
-    return np.unique(counts).astype(np.int64)
+        # geomspace with one point returns its start (1): the curve would stop at 1/K.
+        geo = np.geomspace(1, n_eligible, n_steps) if n_steps > 1 else np.array([n_eligible])
+        counts = np.concatenate([[0], np.round(geo).astype(np.int64)])
+    counts = np.unique(counts).astype(np.int64)
+    assert counts[0] == 0 and counts[-1] == n_eligible, counts
+    return counts
 
 
 def _protected_mask(protected: Tensor | None, k: int, device: torch.device) -> Tensor:
