@@ -309,6 +309,10 @@ def test_with_a_tiny_dinov2_and_bilinear_upsampling(tmp_path: Path) -> None:
     assert res.feature_dim == 16 and len(res.concept_ids) == 3
     assert all(-1 <= c <= 1 for c in res.consistency) and math.isfinite(res.c2)
     assert len(list(tmp_path.glob("*.safetensors"))) == 12
+    # features under transformers' position-embedding rule are others: not from this cache
+    other = Dinov2PatchFeatures(ext.backbone.model, pos_interpolation="transformers")
+    with pytest.raises(ValueError, match="belongs to"):
+        evaluate_c2(images, acts, maps, UpsampledFeatureExtractor(other, BilinearUpsampler()), cfg, lowres_cache=tmp_path)  # fmt: skip
 
 
 def test_sparse_table_file_and_stored_maps_and_an_empty_result(tmp_path: Path) -> None:

@@ -300,12 +300,15 @@ def _check_cache_owner(cache: Path, extractor: object) -> None:
     """Refuse a low-res cache directory written by another kind of extractor."""
     backbone = getattr(extractor, "backbone", extractor)
     config = getattr(getattr(backbone, "model", None), "config", None)
-    owner = {
+    owner: dict[str, str | int] = {
         "extractor": f"{type(extractor).__module__}.{type(extractor).__qualname__}",
         "backbone": type(backbone).__qualname__,
         "model": str(getattr(config, "_name_or_path", "")),
         "dim": int(extractor.dim),  # type: ignore[attr-defined]
     }
+    rule = getattr(backbone, "pos_interpolation", None)  # DINOv2: features depend on it
+    if rule is not None:
+        owner["pos_interpolation"] = str(rule)
     path = cache / "owner.json"
     if path.exists():
         found = json.loads(path.read_text())
