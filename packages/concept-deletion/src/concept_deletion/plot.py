@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from concept_deletion.deletion import CurveResult
+from concept_deletion.fileio import write_atomic
 
 __all__ = ["plot_curves"]
 
@@ -34,8 +36,8 @@ def plot_curves(
 ) -> Any:
     """Mean target score (left) and accuracy (right, if labelled) vs the fraction deleted.
 
-    One line per measure, with its AUC in the legend. Saves to ``path`` if given; returns the
-    matplotlib figure.
+    One line per measure, with its AUC in the legend. Saves to ``path`` if given (atomically;
+    the format follows the suffix, e.g. ``.png``, ``.pdf``, ``.svg``); returns the figure.
     """
     curves = list(curves)
     if not curves:
@@ -65,7 +67,7 @@ def plot_curves(
     fig.tight_layout()
     if path is not None:
         path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=path.suffix[1:].lower() or None, dpi=120)
+        write_atomic(path, buf.getvalue())
     return fig

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from concept_deletion.choices import ChoiceEnum
 from concept_deletion.deletion import CurveResult, Mode, Schedule, Score, deletion_curve
+from concept_deletion.fileio import read_json, write_atomic
 from concept_deletion.head import ConceptModel
 from concept_deletion.importance import (
     ImportanceConfig,
@@ -34,13 +35,7 @@ from concept_deletion.importance import (
     local_importance,
 )
 from concept_deletion.layout import Layout, check_codes
-from concept_deletion.output import (
-    curves_from_json,
-    curves_to_json,
-    read_json,
-    save_curves,
-    write_atomic,
-)
+from concept_deletion.output import curves_from_json, curves_to_json, save_curves
 
 __all__ = [
     "ComparisonConfig",
@@ -339,7 +334,13 @@ def paper_protocol(
     for cls, indices in tqdm(selection.items(), desc="classes", disable=not progress):
         path = out / "classes" / f"{cls}.json"
         if path.exists():
-            curves = curves_from_json(path.read_text(encoding="utf-8"))
+            try:
+                curves = curves_from_json(path.read_text(encoding="utf-8"))
+            except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+                raise ValueError(
+                    f"{path} is not a class result written by paper_protocol ({err!r}); delete "
+                    "it and rerun to recompute that class"
+                ) from err
         else:
             images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
             if device is not None:
