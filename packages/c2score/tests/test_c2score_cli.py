@@ -76,6 +76,9 @@ def test_cli_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sum(report["distribution"]["counts"]) == 2
     assert main(argv) == 0  # a finished work dir: same report again
     assert json.loads(out.read_text())["c2"] == report["c2"]
+    # 8-bit PNGs without resizing: the authors' PIL pipeline gives the same pixels
+    assert main([*argv[:-4], "--preprocessing", "pil", "--work-dir", str(tmp_path / "pil")]) == 0
+    assert json.loads(out.read_text())["c2"] == pytest.approx(report["c2"], abs=1e-12)
     save_file({"labels": torch.arange(N + 1) % 2}, str(tmp_path / "labels.safetensors"))
     grouped = [*argv[:-4], "--baseline-groups", str(tmp_path / "labels.safetensors")]
     assert main(grouped) == 0

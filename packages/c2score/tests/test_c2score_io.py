@@ -109,3 +109,33 @@ def test_image_folder_orders_by_relative_path_and_flags_broken_files(tmp_path: P
         folder[2]
     with pytest.raises(ValueError, match="no image files"):
         ImageFolder(tmp_path / "b" / ".." / "b", extensions=(".gif",))
+
+
+def test_pil_preprocessing_is_the_authors_torchvision_transform(tmp_path: Path) -> None:
+    """Resize(256) + CenterCrop(224) on the 8-bit PIL image, ToTensor, Normalize: bit for bit."""
+    from torchvision import transforms as T
+
+    from c2score.features import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize
+    from c2score.io import preprocess_pil
+
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, 417)[None, :, None] * np.linspace(0.2, 1, 300)[:, None, None]
+    arr = np.clip(smooth + rng.normal(0, 20, (300, 417, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    Image.fromarray(arr[:, :, 0]).save(tmp_path / "b_gray.png")  # grayscale: converted to RGB
+    authors = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+    folder = ImageFolder(tmp_path, resize=256, crop=224, preprocessing="pil")
+    for i, name in enumerate(("a.png", "b_gray.png")):
+        with Image.open(tmp_path / name) as im:
+            expected = authors(im.convert("RGB"))  # torchvision's default loader converts
+            assert torch.equal(preprocess_pil(im, 256, 224), folder[i])
+        assert folder[i].shape == (3, 224, 224)
+        assert torch.equal(imagenet_normalize(folder[i][None])[0], expected)
+    # the default float pipeline is another one (resize after conversion to float)
+    assert not torch.equal(ImageFolder(tmp_path, resize=256, crop=224)[0], folder[0])
+    with pytest.raises(ValueError, match="preprocessing must be 'float' or 'pil'"):
+        ImageFolder(tmp_path, preprocessing="PIL")  # type: ignore[arg-type]
+    with pytest.raises(ImageLoadError, match="smaller_than_crop"):
+        ImageFolder(tmp_path, crop=301, preprocessing="pil")[0]

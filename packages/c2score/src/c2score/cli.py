@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--resize", type=int, default=256, help="shorter side; 0 keeps the size")
     p.add_argument("--crop", type=int, default=224, help="centre crop; 0 disables")
+    p.add_argument(
+        "--preprocessing",
+        choices=["float", "pil"],
+        default="float",
+        help="resize/crop the float image, or (pil) the 8-bit image with torchvision's "
+        "Resize/CenterCrop: the authors' pipeline exactly",
+    )
     p.add_argument("--work-dir", default=None, help="checkpoints here; rerun to resume")
     p.add_argument("--lowres-cache", default=None, help="cache backbone features here")
     p.add_argument("--checkpoint-every", type=int, default=512, help="images per checkpoint")
@@ -179,7 +186,12 @@ def _run(args: argparse.Namespace) -> C2Result:
         progress=not args.no_progress,
         relu_before_resize=not args.resize_then_relu,
     )
-    images = ImageFolder(args.images, resize=args.resize or None, crop=args.crop or None)
+    images = ImageFolder(
+        args.images,
+        resize=args.resize or None,
+        crop=args.crop or None,
+        preprocessing=args.preprocessing,
+    )
     return evaluate_c2(
         images,
         Path(args.activations),

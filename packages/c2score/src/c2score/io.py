@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ __all__ = [
     "load_activation_table",
     "open_safetensors",
     "pil_to_tensor",
+    "preprocess_pil",
     "save_activation_table",
     "to_rgb_tensor",
 ]
@@ -399,11 +400,46 @@ def preprocess(image_3HW: torch.Tensor, resize: int | None, crop: int | None) ->
     return image_3HW
 
 
+def preprocess_pil(
+    image: Image.Image, resize: int | None = 256, crop: int | None = 224
+) -> torch.Tensor:
+    """The authors' ImageNet preprocessing, bit for bit: float RGB (3, H, W) in [0, 1].
+
+    ``image.convert("RGB")`` (torchvision's default image loader), then torchvision's
+    ``Resize(resize)`` (shorter side, bilinear, on the 8-bit PIL image: PIL's own resampling)
+    and ``CenterCrop(crop)``, then ``ToTensor``. The extractors apply ``Normalize`` (ImageNet
+    mean/std) themselves. ``None`` (or 0) skips a step. Resizing the 8-bit image rounds to 8
+    bits after resampling, which is why this differs (by up to ~1/255 on natural images) from
+    :func:`preprocess` on the float image.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    rgb = image.convert("RGB")
+    if resize:
+        rgb = TF.resize(rgb, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if crop:
+        if min(rgb.size) < crop:  # torchvision would pad with black instead
+            raise ImageLoadError("smaller_than_crop", f"image {rgb.size[::-1]} < crop {crop}")
+        rgb = TF.center_crop(rgb, [crop, crop])
+    return TF.to_tensor(rgb)
+
+
+Preprocessing = Literal["float", "pil"]
+"""How :class:`ImageFolder` resizes and crops: on the float image (:func:`preprocess`) or on
+the 8-bit PIL image as the authors (:func:`preprocess_pil`)."""
+
+
 class ImageFolder(Sequence[torch.Tensor]):
     """Every image file below ``root`` (recursive), ordered by sorted relative POSIX path.
 
     ``folder[i]`` is the preprocessed float RGB (3, H, W) image in [0, 1]; an unreadable file
     raises :class:`ImageLoadError` (the evaluation counts it and goes on).
+
+    ``preprocessing="float"`` (default) decodes every mode at full precision (16-bit images
+    too, see :func:`pil_to_tensor`) and resizes the float image (:func:`preprocess`);
+    ``"pil"`` is the authors' pipeline exactly (:func:`preprocess_pil`: torchvision's
+    ``Resize``/``CenterCrop`` on the 8-bit RGB image, then ``ToTensor``).
     """
 
     def __init__(
@@ -412,7 +448,14 @@ class ImageFolder(Sequence[torch.Tensor]):
         resize: int | None = None,
         crop: int | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        preprocessing: Preprocessing = "float",
     ) -> None:
+        if preprocessing not in ("float", "pil"):
+            raise ValueError(
+                f"preprocessing must be 'float' or 'pil' (the authors' torchvision pipeline on "
+                f"the 8-bit image), got {preprocessing!r}"
+            )
+        self.preprocessing = preprocessing
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder {self.root} does not exist")
@@ -433,6 +476,8 @@ class ImageFolder(Sequence[torch.Tensor]):
         try:
             with Image.open(path) as im:
                 im.load()
+                if self.preprocessing == "pil":
+                    return preprocess_pil(im, self.resize, self.crop)
                 t = pil_to_tensor(im)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise ImageLoadError("unreadable_image", f"{path}: {e}") from e
