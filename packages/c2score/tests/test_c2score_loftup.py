@@ -381,9 +381,76 @@ def test_wrong_keys_give_a_clear_error(tmp_path: Path, state_dict) -> None:
     with pytest.raises(LoftUpCheckpointError, match="channelnorm"):
         load_loftup(tmp_path / "no_prefix.bin")
 
-    torch.save({"state_dict": state_dict}, tmp_path / "nested.bin")
+    torch.save({"model": state_dict}, tmp_path / "nested.bin")
     with pytest.raises(LoftUpCheckpointError, match="flat dict of tensors"):
         load_loftup(tmp_path / "nested.bin")
+
+
+def _training_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training module's keys (upstream ``load_loftup_checkpoint`` reads them): the
+    upsampler under ``upsampler.``, the channel norm as ``model.1.`` (``model.0`` is the frozen
+    backbone, whose weights the checkpoint holds too)."""
+    out = {}
+    for k, v in state_dict.items():
+        out[k.replace("channelnorm.", "model.1.", 1) if k.startswith("channelnorm.") else k] = v
+    out["model.0.blocks.0.attn.qkv.weight"] = torch.randn(3 * DIM, DIM)
+    out["model.0.pos_embed"] = torch.randn(1, 5, DIM)
+    return out
+
+
+def test_a_training_checkpoint_is_converted(tmp_path: Path, state_dict) -> None:
+    ckpt = {  # a Lightning checkpoint: counters, optimiser state, the module's state dict
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.1.0",
+        "state_dict": _training_layout(state_dict),
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0)}},
+                "param_groups": [{"lr": 1e-4, "params": [0]}],
+            }
+        ],
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    torch.save(_training_layout(state_dict), tmp_path / "extracted.bin")  # ckpt["state_dict"]
+    for name in ("last.ckpt", "extracted.bin"):
+        model = load_loftup(tmp_path / name)
+        assert set(model.state_dict()) == set(state_dict)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state_dict[k]), (name, k)
+
+
+class _Hparams:  # stands for e.g. an omegaconf config pickled into a training checkpoint
+    lr = 1e-4
+
+
+def test_a_checkpoint_with_python_objects_is_refused_with_the_conversion_recipe(
+    tmp_path: Path, state_dict
+) -> None:
+    ckpt = {"state_dict": _training_layout(state_dict), "hyper_parameters": _Hparams()}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    with pytest.raises(LoftUpCheckpointError, match="weights_only") as err:
+        load_loftup(tmp_path / "last.ckpt")
+    msg = str(err.value)
+    assert "torch.load(" in msg and "weights_only=False" in msg and "trust" in msg
+    assert "torch.save(ckpt['state_dict']" in msg
+    # following the recipe gives a file that loads
+    trusted = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    torch.save(trusted["state_dict"], tmp_path / "loftup.bin")
+    assert load_loftup(tmp_path / "loftup.bin").dim == DIM
+
+
+@pytest.mark.parametrize(
+    "typo", ["weights/loftup.bin", "./loftup.bin", "loftup.bin", "~/no-such-dir/x.pth", "a/b/c"]
+)
+def test_a_mistyped_local_path_is_file_not_found(
+    tmp_path: Path, typo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"not found.*no such file or directory"):
+        load_loftup(typo)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        LoftUpUpsampler.from_pretrained(tmp_path / typo.lstrip("~/"))
 
 
 def test_wrong_shapes_give_a_clear_error(tmp_path: Path, state_dict) -> None:

@@ -24,6 +24,7 @@ from c2score.features.loftup import (
     LoftUpCheckpointError,
     LoftUpUpsampler,
     LoftUpWithChannelNorm,
+    from_training_state_dict,
     load_loftup,
     read_state_dict,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "available_backbones",
     "available_upsamplers",
     "check_rgb_images",
+    "from_training_state_dict",
     "imagenet_normalize",
     "load_loftup",
     "make_extractor",

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from c2score.features.base import check_rgb_images, imagenet_normalize
@@ -346,8 +348,6 @@ def _raise_key_mismatch(
         msg.append(f"{len(missing)} missing keys, e.g. {missing[:5]}")
     if unexpected:
         msg.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
-    if "state_dict" in got or any(k.startswith("model.1.") for k in got):
-        msg.append("this looks like a training checkpoint; export the wrapper's state_dict()")
     msg.append(
         "expected the official layout: keys 'upsampler.*' and 'channelnorm.*' as in "
         f"{DEFAULT_LOFTUP}/{LOFTUP_FILENAME}"
@@ -372,8 +372,50 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(dict(state_dict), strict=True)
 
 
+_TRAINING_CHANNELNORM = "model.1."
+"""Prefix of the channel norm in the upstream training module (``model.0`` is the backbone)."""
+
+
+def from_training_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The released layout of a state dict saved by LoftUp's *training* module.
+
+    The training module (what its Lightning ``.ckpt`` files hold under ``"state_dict"``) keeps
+    the upsampler under ``upsampler.``, as released, but the channel norm as ``model.1.`` next
+    to the frozen backbone ``model.0.``. This renames ``model.1.*`` to ``channelnorm.*``, keeps
+    ``upsampler.*`` (and ``channelnorm.*``) and drops everything else (backbone, other heads).
+    A state dict without ``model.*`` keys is returned unchanged, so that stray keys of a
+    released-style file are still reported by the strict load.
+    """
+    if not any(k.startswith("model.") for k in state_dict):
+        return dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(("upsampler.", "channelnorm.")):
+            out[key] = value
+        elif key.startswith(_TRAINING_CHANNELNORM):
+            out["channelnorm." + key.removeprefix(_TRAINING_CHANNELNORM)] = value
+    return out
+
+
+def _conversion_recipe(path: Path) -> str:
+    return (
+        "if it is a LoftUp training checkpoint from a source you trust, extract its tensors "
+        "once in Python: ckpt = torch.load("
+        f"{str(path)!r}, map_location='cpu', weights_only=False); "
+        "torch.save(ckpt['state_dict'], 'loftup.bin') -- and pass loftup.bin (its upsampler.* / "
+        "model.1.* keys are converted on loading)"
+    )
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain tensor state dict from a ``.bin``/``.pt`` file without unpickling code."""
+    """Read a LoftUp state dict from a ``.bin``/``.pt``/``.ckpt`` file without unpickling code.
+
+    Accepts a flat tensor dict (the released files) or a training checkpoint
+    (``{"state_dict": ..., <counters, optimiser state>}``, or its extracted ``state_dict``),
+    whose keys are brought to the released layout by :func:`from_training_state_dict`.
+    A file holding other Python objects is refused by ``torch.load(weights_only=True)``; the
+    error says how to extract the tensors from a trusted one.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoftUp weights file {str(path)!r} does not exist")
@@ -382,8 +424,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise LoftUpCheckpointError(
             f"could not read {str(path)!r} as a plain tensor state dict (loaded with "
-            f"weights_only=True, so files holding arbitrary Python objects are refused): {err}"
+            f"weights_only=True, so files holding arbitrary Python objects are refused); "
+            f"{_conversion_recipe(path)}. torch said: {err}"
         ) from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # a training checkpoint: the module's weights
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
@@ -392,7 +437,42 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, Mapping) else "")
             + ")"
         )
-    return dict(obj)
+    return from_training_state_dict(obj)
+
+
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def _local_weights(source: str | Path, filename: str) -> Path | None:
+    """The local file ``source`` names, or None when it is a Hub repo id.
+
+    Something that exists is local; something that looks like a path (a ``Path``, a leading
+    ``/``, ``.`` or ``~``, more than one ``/``, a weights suffix) or is no valid repo id is a
+    local file that is missing -- ``FileNotFoundError`` -- instead of a confusing Hub error.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path / filename
+    if path.is_file():
+        return path
+    text = str(source)
+    looks_local = (
+        isinstance(source, Path)
+        or text.startswith(("/", ".", "~", "\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+    if not looks_local:
+        try:
+            validate_repo_id(text)
+            return None
+        except HFValidationError:
+            pass
+    raise FileNotFoundError(
+        f"LoftUp weights {text!r} not found: no such file or directory, and not a Hub repo id "
+        f"(those look like {DEFAULT_LOFTUP!r}); check the path"
+    )
 
 
 def load_loftup(
@@ -405,11 +485,12 @@ def load_loftup(
     filename: str = LOFTUP_FILENAME,
 ) -> LoftUpWithChannelNorm:
     """Official LoftUp weights (eval mode) from a local file, ``<directory>/<filename>``, or a
-    Hub repo id (``hf_hub_download`` with ``revision``, ``cache_dir``, ``local_files_only``)."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / filename
-    elif not path.is_file():
+    Hub repo id (``hf_hub_download`` with ``revision``, ``cache_dir``, ``local_files_only``).
+
+    A local file may also be an upstream training checkpoint (see :func:`read_state_dict`); a
+    path that does not exist raises ``FileNotFoundError``."""
+    path = _local_weights(source, filename)
+    if path is None:
         path = Path(
             hf_hub_download(
                 repo_id=str(source),
