@@ -117,6 +117,12 @@ def test_offline_without_cached_weights_is_a_clear_error(
     err = capsys.readouterr().err
     assert "c2score: error:" in err and "--offline" in err and "cache" in err
     assert "someone/dinov2-never-downloaded" in err and "Traceback" not in err
+    # a mistyped input file is not blamed on the cache
+    argv = _base_argv(p, tmp_path / "r.json")
+    argv[argv.index("--activations") + 1] = str(tmp_path / "typo.safetensors")
+    assert main([*argv, "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert "typo.safetensors does not exist" in err and "--offline" not in err
 
 
 @pytest.mark.parametrize("which", ["acts", "maps", "oracle"])

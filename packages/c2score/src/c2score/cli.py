@@ -59,14 +59,28 @@ def _labels(path: str) -> torch.Tensor:
 def _extractor(args: argparse.Namespace) -> object:
     if args.backbone.startswith("oracle:"):
         return _oracle(args.backbone.removeprefix("oracle:"))
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     from c2score.features import make_extractor  # heavy (transformers): only when needed
 
-    return make_extractor(
-        args.backbone,
-        upsampler_weights=args.upsampler_weights,
-        local_files_only=args.offline,
-        device=args.device,
-    )
+    try:
+        return make_extractor(
+            args.backbone,
+            upsampler_weights=args.upsampler_weights,
+            local_files_only=args.offline,
+            device=args.device,
+        )
+    except OSError as e:
+        # transformers raises a bare OSError for files absent from the cache, huggingface_hub
+        # a LocalEntryNotFoundError; a mistyped local path stays a plain "not found"
+        if not args.offline or not (isinstance(e, LocalEntryNotFoundError) or type(e) is OSError):
+            raise
+        weights = f" / {args.upsampler_weights!r}" if args.upsampler_weights else ""
+        raise OSError(
+            f"--offline: the weights for {args.backbone!r}{weights} are not in the local "
+            "Hugging Face cache (HF_HUB_CACHE); run once without --offline to download them, "
+            f"or pass local directories / files instead of Hub ids ({' '.join(str(e).split())})"
+        ) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,19 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _describe(error: Exception, args: argparse.Namespace) -> str:
-    """One line for the terminal: the error, with a hint where the cause is a usual one."""
+def _describe(error: Exception) -> str:
+    """One line for the terminal: the error (its kind too, unless it is a usual input error)."""
     text = " ".join(str(error).split()) or type(error).__name__
     if not isinstance(error, (ValueError, TypeError, OSError)):  # unexpected: name the kind
         text = f"{type(error).__name__}: {text}"
-    if args.offline and isinstance(error, OSError) and not args.backbone.startswith("oracle:"):
-        text = (
-            f"--offline: the weights for {args.backbone!r}"
-            + (f" / {args.upsampler_weights!r}" if args.upsampler_weights else "")
-            + " are not in the local Hugging Face cache (HF_HUB_CACHE); run once without "
-            "--offline to download them, or pass local directories / files instead of Hub ids"
-            f" ({text})"
-        )
     return text
 
 
@@ -162,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a command line prints errors, it does not crash
         if args.traceback:
             raise
-        print(f"c2score: error: {_describe(e, args)}", file=sys.stderr)
+        print(f"c2score: error: {_describe(e)}", file=sys.stderr)
         return EXIT_ERROR
     if not math.isfinite(result.c2):
         print(
