@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 from pathlib import Path
@@ -297,10 +298,13 @@ def test_loads_from_hub_cache_offline(tmp_path: Path, weights_file: Path) -> Non
     """``hf_hub_download`` path: repo id + revision resolved in a (fake, offline) Hub cache."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "cache" / "models--someone--loftup-tiny"
-    (repo / "refs").mkdir(parents=True)
+    for d in ("blobs", "refs", f"snapshots/{commit}"):
+        (repo / d).mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    shutil.copy(weights_file, repo / "snapshots" / commit / "pytorch_model.bin")
+    # huggingface_hub's layout: the snapshot file is a relative link to its content-named blob
+    blob = repo / "blobs" / hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    shutil.copy(weights_file, blob)
+    (repo / "snapshots" / commit / "pytorch_model.bin").symlink_to(f"../../blobs/{blob.name}")
     kwargs = {"cache_dir": tmp_path / "cache", "local_files_only": True}
     up = LoftUpUpsampler.from_pretrained("someone/loftup-tiny", **kwargs)
     assert up.dim == DIM
