@@ -40,6 +40,16 @@ def test_round_trip_through_parquet_streaming_and_the_trainer(tmp_path) -> None:
     src = HFFeatureSource(stream, batch_size=5, shuffle=False, num_rows=fs.train.num_rows)
     assert src.d_in == fs.train.d_in and len(src) == -(-fs.train.num_rows // 5)
     torch.testing.assert_close(torch.cat(list(src)), want, rtol=0, atol=0)
+    # Shuffled streaming: every row once per epoch, the order a function of (seed, epoch).
+    shuffled = HFFeatureSource(
+        stream, batch_size=4, seed=5, num_rows=fs.train.num_rows, buffer_size=8
+    )
+    shuffled.set_epoch(2)
+    first = torch.cat(list(shuffled))
+    assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, want.tolist()))
+    assert not torch.equal(first, want)
+    shuffled.set_epoch(2)
+    assert torch.equal(torch.cat(list(shuffled)), first)
     # Shuffled map-style source: each epoch a permutation of the rows; resumable mid-epoch.
     local = datasets.load_dataset(str(folder), split="train")
     src = HFFeatureSource(local, batch_size=4, seed=3)

@@ -120,10 +120,11 @@ def push_feature_set(
 class HFFeatureSource:
     """A ``topk-sae`` ``BatchSource`` over a ``datasets`` feature dataset (map-style or streaming).
 
-    Map-style datasets are read in a permutation drawn from ``(seed, epoch)``; streaming ones are
-    shuffled with ``IterableDataset.shuffle(seed + epoch, buffer_size)`` (or read in order with
-    ``shuffle=False``). Either way the order is a function of ``(seed, epoch)`` and the state is
-    the epoch and the number of batches yielded, so a resumed run skips to the next batch.
+    Map-style datasets are read in a permutation drawn from ``(seed, epoch)``; streaming ones
+    visit their shards (Parquet files) in a random order and shuffle rows within windows of
+    ``buffer_size`` rows (or are read in order with ``shuffle=False``). Either way the order is
+    a function of ``(seed, epoch)`` and the state is the epoch and the number of batches
+    yielded, so a resumed run skips to the next batch.
 
     Args:
         dataset: ``datasets.Dataset`` or ``datasets.IterableDataset`` with a ``features`` column.
@@ -176,24 +177,64 @@ class HFFeatureSource:
     def set_epoch(self, epoch: int) -> None:
         self._epoch, self._position = int(epoch), 0
 
+    def _rows(self, table: Any) -> Tensor:
+        """(n, d_in) float32 from an Arrow table's fixed-size-list column (no per-row Python)."""
+        col = table.column("features").combine_chunks()
+        flat = col.flatten() if hasattr(col, "flatten") else col.values
+        arr = flat.to_numpy(zero_copy_only=False).reshape(len(col), self.d_in)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
     def _stream(self) -> Iterator[Tensor]:
         ds = self.dataset
         if self.streaming:
-            if self.shuffle:
-                ds = ds.shuffle(seed=self.seed + self._epoch, buffer_size=self.buffer_size)
-            for rows in ds.with_format("numpy").iter(batch_size=self.batch_size):
-                yield torch.from_numpy(np.asarray(np.stack(rows["features"]), dtype=np.float32))
+            yield from self._stream_batches(ds)
             return
         order = (
             np.random.default_rng([self.seed, self._epoch]).permutation(self.num_rows)
             if self.shuffle
             else np.arange(self.num_rows)
         )
-        table = ds.with_format("numpy")
+        table = ds.with_format("arrow")
         for start in range(0, self.num_rows, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            block = table[np.sort(idx) if not self.shuffle else idx]["features"]
-            yield torch.from_numpy(np.asarray(np.stack(block), dtype=np.float32))
+            yield self._rows(table[order[start : start + self.batch_size]])
+
+    def _stream_batches(self, ds: Any) -> Iterator[Tensor]:
+        """Streaming: shards in a random order, rows shuffled within windows of
+        ``buffer_size`` rows (``IterableDataset.shuffle`` moves rows one by one in Python)."""
+        if not self.shuffle:
+            for table in ds.with_format("arrow").iter(batch_size=self.batch_size):
+                yield self._rows(table)
+            return
+        rng = np.random.default_rng([self.seed, self._epoch])
+        n_shards = max(1, int(getattr(ds, "num_shards", 1) or 1))
+        pending: list[Tensor] = []
+        held = 0
+        carry = None
+
+        def windows() -> Iterator[Tensor]:
+            nonlocal pending, held
+            for shard in rng.permutation(n_shards):
+                part = ds.shard(num_shards=n_shards, index=int(shard)) if n_shards > 1 else ds
+                for table in part.with_format("arrow").iter(batch_size=self.batch_size):
+                    pending.append(self._rows(table))
+                    held += pending[-1].shape[0]
+                    if held >= self.buffer_size:
+                        block, pending, held = torch.cat(pending), [], 0
+                        yield block[torch.from_numpy(rng.permutation(block.shape[0]))]
+            if pending:
+                block, pending, held = torch.cat(pending), [], 0
+                yield block[torch.from_numpy(rng.permutation(block.shape[0]))]
+
+        for block in windows():
+            if carry is not None:
+                block = torch.cat([carry, block])
+            n_full = block.shape[0] // self.batch_size * self.batch_size
+            for start in range(0, n_full, self.batch_size):
+                yield block[start : start + self.batch_size]
+            carry = block[n_full:] if n_full < block.shape[0] else None
+        if carry is not None:
+            yield carry
 
     def __iter__(self) -> Iterator[Tensor]:
         skip = self._position
