@@ -15,7 +15,7 @@ from torch import nn
 
 import bcos_layers
 from bcos_layers.models import PretrainedCfg, create, list_models
-from bcos_layers.pretrained import convert_to_safetensors
+from bcos_layers.pretrained import OFFICIAL_CHECKPOINTS, convert_to_safetensors
 
 # state-dict key lists of the official models (name<TAB>shape<TAB>dtype), from bcos 0.1.3
 REF_DIR = Path(__file__).parent / "data"
@@ -55,14 +55,49 @@ def test_keys_and_shapes_equal_reference_lists(name: str) -> None:
     assert got == expected
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet101", "resnet152"])
-def test_other_resnets_match_official_layout(name: str, bcos_oracle) -> None:
-    resnet = bcos_oracle("bcos.models.resnet")
-    norms = bcos_oracle("bcos.modules.norms")
+_HYPER = ("kernel_size", "stride", "padding", "dilation", "groups", "in_channels", "out_channels",
+          "in_features", "out_features", "b", "max_out", "eps", "normalized_shape", "num_groups",
+          "p", "mode", "output_size", "ceil_mode", "count_include_pad", "temperature", "heads",
+          "scale", "logit_bias", "logit_temperature", "drop_rate")  # fmt: skip
+
+
+def _hyperparameters(model: nn.Module) -> dict[str, dict[str, object]]:
+    """Per module name: its hyperparameters (ints as pairs where the other side uses tuples)."""
+    out = {}
+    for name, m in model.named_modules():
+        hp = {}
+        for a in _HYPER:
+            v = getattr(m, a, None)
+            if v is None or callable(v):
+                continue
+            if a in ("kernel_size", "stride", "padding", "dilation") and isinstance(v, int):
+                v = (v, v)
+            hp[a] = v
+        out[name] = hp
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CHECKPOINTS))
+def test_every_official_model_has_the_official_structure(name: str, bcos_oracle) -> None:
+    """Against the official entrypoint (both on the meta device): the same module tree, state-
+    dict keys and shapes, and per module the same hyperparameters (kernel sizes, strides,
+    paddings, groups, B, MaxOut, norm eps, stochastic-depth rates, logit bias, ...)."""
+    pretrained = bcos_oracle("bcos.models.pretrained")
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        ref = getattr(resnet, name)(norm_layer=norms.NoBias(norms.BatchNormUncentered2d))
-    assert _key_shapes(_meta(name)) == _key_shapes(ref)
+        ref = getattr(pretrained, name)(pretrained=False)
+    ours = _meta(name)
+    assert _key_shapes(ours) == _key_shapes(ref)
+    ho, hr = _hyperparameters(ours), _hyperparameters(ref)
+    assert list(ho) == list(hr)  # same module names in the same order
+    for module in ho:
+        common = ho[module].keys() & hr[module].keys()
+        assert {a: ho[module][a] for a in common} == {a: hr[module][a] for a in common}, module
+    stochastic = [m.p for m in ours.modules() if type(m).__name__ == "StochasticDepth"]
+    if name in ("resnet50_long", "resnet152_long"):  # 0.1, growing linearly over the blocks
+        assert max(stochastic) == pytest.approx(0.1)
+    else:
+        assert not stochastic
 
 
 @pytest.mark.parametrize(

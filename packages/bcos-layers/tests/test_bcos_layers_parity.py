@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -220,4 +221,83 @@ def test_explain_on_official_models_separates_their_bias_and_pos_emb(
         assert torch.equal(ex.pos_emb, torch.zeros(2))
     # the weights are the official explanation-mode input gradient
     w_ref = _official_input_grad(ref, x, lambda out: out.gather(1, ex.target[:, None]))
+    assert torch.equal(ex.weights, w_ref)
+
+
+# Every other registered official model, bit for bit at 32x32 (the smallest size DenseNet's
+# transitions accept). Weights are drawn directly (uniform: B-cos layers normalise them, so the
+# law is irrelevant) into the official model built on the meta device, and ours takes the same
+# tensors (assign=True): no init, no copies. The pre-bias logits and logits of every model are
+# compared; the explanation-mode input gradient where the model brings a part the SIZES models
+# above do not have (BasicBlock, grouped convs, the Ti stem, plain 16x16 patches). The module
+# trees and per-module hyperparameters of all of them are compared in test_bcos_layers_models.py.
+NEW_OFFICIAL = sorted(
+    set(bcos_layers.OFFICIAL_CHECKPOINTS) - set(SIZES) - {"resnet50_long", "densenet121_long"}
+)
+EXPLAINED = {"resnet18", "resnext50_32x4d", "vitc_ti_patch1_14", "simple_vit_ti_patch16_224"}
+
+
+def _random_state_(model: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if not t.is_floating_point():
+                t.fill_(7)  # num_batches_tracked
+            elif key.endswith("running_var"):
+                t.uniform_(0.05, 1.55, generator=gen)
+            elif key.endswith("running_mean"):
+                t.normal_(generator=gen)  # must be ignored (uncentered BN)
+            elif t.dim() == 1:  # norm weights
+                t.uniform_(0.5, 1.5, generator=gen)
+            else:
+                t.uniform_(-1.0, 1.0, generator=gen)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: at 32x32 the cost is per-op overhead, and on shared CI cores extra
+    threads only contend (ResNet-152 forward 0.5 s with one thread, 13 s with two on a loaded
+    2-core machine). Both models run under the same setting, so the comparison is unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", NEW_OFFICIAL)
+def test_other_official_models_are_bitwise_identical(name: str, bcos_pretrained) -> None:
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        ref = getattr(bcos_pretrained, name)(pretrained=False).eval()
+        ours = bcos_layers.create(name)
+    ref.to_empty(device="cpu")
+    _random_state_(ref, torch.Generator().manual_seed(0))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    assert ours.training is False
+    x = torch.rand(1, 6, 32, 32, generator=torch.Generator().manual_seed(2))
+    pre: dict[str, torch.Tensor] = {}  # the logit layers' inputs: pre-bias logits, full precision
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, k=k: pre.__setitem__(k, i[0]))
+        for k, model in (("ref", ref), ("ours", ours))
+        for m in model.modules()
+        if type(m).__name__ == "LogitLayer"
+    ]
+    try:
+        with torch.no_grad():
+            a, b = ref(x), ours(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(pre) == {"ref", "ours"}
+    assert pre["ref"].abs().max() > 0 and torch.isfinite(pre["ref"]).all()
+    assert torch.equal(pre["ours"], pre["ref"])
+    assert torch.equal(a, b)
+    if name not in EXPLAINED:
+        return
+    target = a.argsort(1)[:, -2]
+    w_ref = _official_input_grad(ref, x, lambda out: out.gather(1, target[:, None]))
+    ex = explain(ours, x, target)
+    assert w_ref.abs().max() > 0
     assert torch.equal(ex.weights, w_ref)

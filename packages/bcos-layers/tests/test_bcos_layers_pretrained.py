@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -46,24 +47,9 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 # --------------------------------------------------------------------------- table
 
 
-def test_official_table_matches_release() -> None:
-    assert set(P.OFFICIAL_CHECKPOINTS) == {
-        "resnet50",
-        "resnet50_long",
-        "densenet121",
-        "densenet121_long",
-        "vitc_s_patch1_14",
-    }
-    expected_files = {
-        "resnet50": "resnet_50-ead259efe4.pth",
-        "resnet50_long": "resnet_50_long-ef38a88533.pth",
-        "densenet121": "densenet_121-b8daf96afb.pth",
-        "densenet121_long": "densenet_121_long-5175461597.pth",
-        "vitc_s_patch1_14": "bcos_vitc_s_patch1_14-cf55c88f0c.pth",
-    }
+def test_official_table_is_consistent() -> None:
     for name, ckpt in P.OFFICIAL_CHECKPOINTS.items():
         assert ckpt.name == name
-        assert ckpt.filename == expected_files[name]
         assert ckpt.url == (
             "https://github.com/B-cos/B-cos-v2/releases/download/v0.0.1-weights/" + ckpt.filename
         )
@@ -71,25 +57,77 @@ def test_official_table_matches_release() -> None:
         assert len(ckpt.sha256_prefix) == 10
         assert ckpt.resize_size == (232 if name.endswith("_long") else 256)
         assert ckpt.arch == name.removesuffix("_long")
+    assert not set(P.OFFICIAL_CHECKPOINTS) & set(P.NOT_PORTED)
     with pytest.raises(dataclasses.FrozenInstanceError):
         P.OFFICIAL_CHECKPOINTS["resnet50"].url = "x"  # type: ignore[misc]
 
 
-def test_official_urls_agree_with_bcos_library(bcos_oracle) -> None:
-    URLS = bcos_oracle("bcos.models.pretrained").URLS
+def _official_entrypoints(bcos_oracle, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
+    """Every B-cos entrypoint of bcos 0.1.3 -> its URL and test transform, read off the oracle
+    by calling the entrypoint with its model factory replaced (nothing is built or downloaded)."""
+    pretrained = bcos_oracle("bcos.models.pretrained")
+    Experiment = bcos_oracle("bcos.experiments.utils").Experiment
+    seen: dict[str, tuple[str, str]] = {}
 
-    assert P.OFFICIAL_CHECKPOINTS["resnet50"].url == URLS["bcos_final"]["resnet_50"]
-    assert P.OFFICIAL_CHECKPOINTS["densenet121"].url == URLS["bcos_final"]["densenet_121"]
-    assert P.OFFICIAL_CHECKPOINTS["resnet50_long"].url == URLS["bcos_final_long"]["resnet_50"]
-    assert P.OFFICIAL_CHECKPOINTS["densenet121_long"].url == URLS["bcos_final_long"]["densenet_121"]
-    assert (
-        P.OFFICIAL_CHECKPOINTS["vitc_s_patch1_14"].url == URLS["vit_final"]["bcos_vitc_s_patch1_14"]
-    )
+    def record(exp: str, *args: object, base_network: str = "bcos_final", **kw: object):
+        return exp, base_network
+
+    monkeypatch.setattr(pretrained, "_get_model", record)
+    names = pretrained.list_available()
+    assert sum(n.startswith("standard_") for n in names) == 8  # as NOT_PORTED's docstring says
+    for name in names:
+        if not name.startswith("standard_"):  # the non-B-cos baselines are out of scope
+            seen[name] = getattr(pretrained, name)(pretrained=True)
+    out = {}
+    for name, (exp, base) in seen.items():
+        test_tf = Experiment("ImageNet", base, exp).config["data"]["test_transform"]
+        top1 = re.search(r"Acc@1\s*\|\s*([0-9.]+)%", getattr(pretrained, name).__doc__)
+        out[name] = {
+            "url": pretrained.URLS[base][exp],
+            "resize": test_tf.resize.size,
+            "crop": test_tf.center_crop.size,
+            "top1": float(top1.group(1)),
+        }
+    return out
+
+
+def test_every_official_bcos_checkpoint_is_registered_with_url_hash_and_transform(
+    bcos_oracle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table against the oracle: same entrypoint names, URLs (so file names and SHA-256
+    prefixes), eval resize and crop, reported top-1; the only B-cos releases left out are the
+    documented ones. The registry, created models and transforms use the same resize."""
+    from bcos_layers.models import create
+    from bcos_layers.transforms import transform_for
+
+    official = _official_entrypoints(bcos_oracle, monkeypatch)
+    assert set(official) == set(P.OFFICIAL_CHECKPOINTS) | set(P.NOT_PORTED)
+    assert len(P.OFFICIAL_CHECKPOINTS) == 21
+    for name, info in official.items():
+        if name in P.NOT_PORTED:
+            assert info["url"].endswith("/" + P.NOT_PORTED[name])
+            continue
+        ckpt = P.OFFICIAL_CHECKPOINTS[name]
+        assert ckpt.url == info["url"], name
+        assert ckpt.resize_size == info["resize"], name
+        assert tuple(info["crop"]) in ((224,), (224, 224)), name
+        assert ckpt.top1 == info["top1"], name
+        assert ckpt.filename == info["url"].rsplit("/", 1)[1]
+        assert ckpt.filename.removesuffix(".pth").endswith("-" + ckpt.sha256_prefix)
+        with torch.device("meta"):
+            cfg = create(name).pretrained_cfg
+        assert (cfg.resize_size, cfg.crop_size) == (info["resize"], 224), name
+        resize, crop = transform_for(name).transforms[1:3]
+        assert (resize.size, crop.size) == (info["resize"], (224, 224)), name
+    for name in ("convnext_tiny", "vgg11_bnu"):
+        for call in (P.official_checkpoint, create):
+            with pytest.raises(ValueError, match=rf"'{name}'.*does not implement its architecture"):
+                call(name)
 
 
 def test_unknown_name_lists_available() -> None:
     with pytest.raises(ValueError, match=r"resnet50_long"):
-        P.load_official_state_dict("resnet18")
+        P.load_official_state_dict("resnet51")
 
 
 # --------------------------------------------------------------------------- local files
@@ -418,3 +456,29 @@ def test_other_architecture_is_rejected_and_nothing_is_loaded(tmp_path: Path) ->
     dense = _save_hashed(_randomized_state(create("tiny_densenet"), seed=4), tmp_path, "dense")
     with pytest.raises(ValueError, match=r"(?s)missing keys.*conv1\.linear\.weight.*unexpected"):
         create("tiny_resnet", pretrained=dense)
+
+
+def test_a_newly_registered_official_model_loads_through_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create("vitc_ti_patch1_14", pretrained=True): its registered entry downloads (here from a
+    file:// stand-in of the release, same entry otherwise), verifies and loads strictly."""
+    from bcos_layers.models import create
+    from bcos_layers.transforms import transform_for
+
+    name = "vitc_ti_patch1_14"
+    state = _randomized_state(create(name), seed=3)
+    (tmp_path / "release").mkdir()
+    src = _save_hashed(state, tmp_path / "release", "bcos_vitc_ti_patch1_14")
+    sha = src.name.removesuffix(".pth").rsplit("-", 1)[1]
+    entry = P.OFFICIAL_CHECKPOINTS[name]
+    assert entry.filename == "bcos_vitc_ti_patch1_14-ddd6193a77.pth"
+    fake = dataclasses.replace(entry, url=src.as_uri(), filename=src.name, sha256_prefix=sha)
+    monkeypatch.setitem(P.OFFICIAL_CHECKPOINTS, name, fake)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    model = create(name, pretrained=True)
+    _assert_same(model.state_dict(), state)
+    assert model.pretrained_cfg.source == "official"
+    assert model.pretrained_cfg.resize_size == 256
+    assert transform_for(name).transforms[1].size == 256

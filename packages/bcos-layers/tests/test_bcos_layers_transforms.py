@@ -29,7 +29,9 @@ def _image(width: int = 301, height: int = 257, seed: int = 0) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL_CHECKPOINTS))
+# one per distinct (family, eval resize); every checkpoint's resize is checked against the
+# oracle in test_bcos_layers_pretrained.py
+@pytest.mark.parametrize("name", sorted(OFFICIAL_EXPERIMENTS))
 def test_transform_for_matches_official_config(name: str, bcos_oracle) -> None:
     Experiment = bcos_oracle("bcos.experiments.utils").Experiment
 
@@ -70,7 +72,9 @@ def test_resize_override_and_bad_input() -> None:
         transform_for("resnet50_long", resize_size=256)(img), transform_for("resnet50")(img)
     )
     with pytest.raises(ValueError, match="available"):
-        transform_for("resnet18")
+        transform_for("resnet51")
+    with pytest.raises(ValueError, match="does not implement its architecture"):
+        transform_for("convnext_tiny")
     with pytest.raises(ValueError, match="crop_size <= resize_size"):
         eval_transform(200, 224)
     with pytest.raises(TypeError, match="PIL image"):

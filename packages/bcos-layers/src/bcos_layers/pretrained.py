@@ -1,4 +1,4 @@
-"""The five released B-cos-v2 ImageNet checkpoints: download, verify, load safely, convert.
+"""The released B-cos-v2 ImageNet checkpoints: download, verify, load safely, convert.
 
 The official weights are plain ``torch.save``'d state dicts named ``<stem>-<sha256[:10]>.pth``
 (B-cos-v2 ``scripts/strip_checkpoints.py``). This module
@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    "NOT_PORTED",
     "OFFICIAL_CHECKPOINTS",
     "RELEASE_URL",
     "CheckpointError",
@@ -98,32 +99,67 @@ class OfficialCheckpoint:
 
 
 def _official(
-    name: str, arch: str, stem: str, sha: str, resize: int, top1: float
+    name: str, stem: str, sha: str, resize: int, top1: float, arch: str | None = None
 ) -> OfficialCheckpoint:
     filename = f"{stem}-{sha}.pth"
-    return OfficialCheckpoint(name, arch, RELEASE_URL + filename, filename, sha, resize, top1)
+    return OfficialCheckpoint(
+        name, arch or name, RELEASE_URL + filename, filename, sha, resize, top1
+    )
 
 
 OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     c.name: c
     for c in (
-        _official("resnet50", "resnet50", "resnet_50", "ead259efe4", 256, 75.882),
-        _official("resnet50_long", "resnet50", "resnet_50_long", "ef38a88533", 232, 79.468),
-        _official("densenet121", "densenet121", "densenet_121", "b8daf96afb", 256, 73.612),
+        # (registry name, release file stem, SHA-256 prefix, eval resize, top-1[, arch])
+        # bcos_final: 90-epoch ImageNet models
+        _official("resnet18", "resnet_18", "68b4160fff", 256, 68.736),
+        _official("resnet34", "resnet_34", "a63425a03e", 256, 72.284),
+        _official("resnet50", "resnet_50", "ead259efe4", 256, 75.882),
+        _official("resnet101", "resnet_101", "84c3658278", 256, 76.532),
+        _official("resnet152", "resnet_152", "42051a77c1", 256, 76.484),
+        _official("resnext50_32x4d", "resnext_50_32x4d", "57af241ab9", 256, 75.820),
+        _official("densenet121", "densenet_121", "b8daf96afb", 256, 73.612),
+        _official("densenet161", "densenet_161", "9e9ea51353", 256, 76.622),
+        _official("densenet169", "densenet_169", "7037ee0604", 256, 75.186),
+        _official("densenet201", "densenet_201", "00ac87066f", 256, 75.480),
+        # bcos_final_long: 600-epoch models (architectures of the short ones; eval resize 232)
+        _official("resnet50_long", "resnet_50_long", "ef38a88533", 232, 79.468, arch="resnet50"),
+        _official("resnet152_long", "resnet_152_long", "0b4b434939", 232, 80.144, arch="resnet152"),
         _official(
-            "densenet121_long", "densenet121", "densenet_121_long", "5175461597", 232, 77.302
+            "densenet121_long", "densenet_121_long", "5175461597", 232, 77.302, arch="densenet121"
+        ),
+        # vit_final: B-cos ViTs (conv-stem ViTc and plain Simple ViT)
+        _official("vitc_ti_patch1_14", "bcos_vitc_ti_patch1_14", "ddd6193a77", 256, 67.260),
+        _official("vitc_s_patch1_14", "bcos_vitc_s_patch1_14", "cf55c88f0c", 256, 74.504),
+        _official("vitc_b_patch1_14", "bcos_vitc_b_patch1_14", "a13c46397b", 256, 77.152),
+        _official("vitc_l_patch1_14", "bcos_vitc_l_patch1_14", "8739e18b8d", 256, 77.782),
+        _official(
+            "simple_vit_ti_patch16_224", "bcos_simple_vit_ti_patch16_224", "4b0824b1c1", 256, 59.960
         ),
         _official(
-            "vitc_s_patch1_14",
-            "vitc_s_patch1_14",
-            "bcos_vitc_s_patch1_14",
-            "cf55c88f0c",
-            256,
-            74.504,
+            "simple_vit_s_patch16_224", "bcos_simple_vit_s_patch16_224", "75e99d1f73", 256, 69.246
+        ),
+        _official(
+            "simple_vit_b_patch16_224", "bcos_simple_vit_b_patch16_224", "1fc4750806", 256, 74.408
+        ),
+        _official(
+            "simple_vit_l_patch16_224", "bcos_simple_vit_l_patch16_224", "9613b2ad0a", 256, 75.060
         ),
     )
 }
-"""The five released B-cos-v2 ImageNet checkpoints used by FaCT, by registry name."""
+"""Every B-cos ImageNet checkpoint of the B-cos-v2 release whose architecture this package
+builds, by registry name (= the official torch hub entrypoint name)."""
+
+NOT_PORTED: dict[str, str] = {
+    "vgg11_bnu": "vgg_11_bnu-34036029f0.pth",
+    "convnext_tiny": "convnext_tiny_pn-539b1bfb37.pth",
+    "convnext_base": "convnext_base_pn-b0495852c6.pth",
+    "convnext_tiny_bnu": "convnext_tiny_bnu-dbd7f5ef9d.pth",
+    "convnext_base_bnu": "convnext_base_bnu-7c32a704b3.pth",
+}
+"""B-cos checkpoints of the release whose architectures (VGG-11, ConvNeXt) bcos-layers does not
+implement (official entrypoint name -> release file). The release also holds eight standard,
+non-B-cos ViTs (``standard_*``), which are out of scope."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -134,6 +170,12 @@ def official_checkpoint(name: str) -> OfficialCheckpoint:
     try:
         return OFFICIAL_CHECKPOINTS[name]
     except KeyError:
+        if name in NOT_PORTED:
+            raise ValueError(
+                f"{name!r} ({NOT_PORTED[name]}) is a released B-cos-v2 checkpoint, but "
+                "bcos-layers does not implement its architecture (VGG / ConvNeXt); use the "
+                "official `bcos` package for it"
+            ) from None
         raise ValueError(
             f"unknown official B-cos-v2 checkpoint {name!r}; "
             f"available: {', '.join(sorted(OFFICIAL_CHECKPOINTS))}"
@@ -317,8 +359,8 @@ def load_official_state_dict(
     """State dict of the official B-cos-v2 checkpoint ``name`` (safely loaded, on CPU).
 
     Args:
-        name: a key of :data:`OFFICIAL_CHECKPOINTS` (``resnet50``, ``resnet50_long``,
-            ``densenet121``, ``densenet121_long``, ``vitc_s_patch1_14``).
+        name: a key of :data:`OFFICIAL_CHECKPOINTS` (e.g. ``resnet50``, ``resnet152_long``,
+            ``densenet161``, ``vitc_b_patch1_14``; ``bcos-checkpoints list`` shows all).
         file: a local checkpoint to use instead of the download: a directory written by
             :func:`convert_to_safetensors` (or its ``model.safetensors``; its ``config.json``
             must name ``name``'s architecture), or a ``.pth`` file. A ``.pth`` file's integrity
@@ -528,9 +570,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
+        w = max(map(len, OFFICIAL_CHECKPOINTS))
         for c in OFFICIAL_CHECKPOINTS.values():
             print(
-                f"{c.name:18} arch={c.arch:18} resize={c.resize_size} top1={c.top1:6.3f}  {c.url}"
+                f"{c.name:{w}} arch={c.arch:{w}} resize={c.resize_size} top1={c.top1:6.3f}  {c.url}"
             )
     elif args.command == "download":
         for name in args.names:

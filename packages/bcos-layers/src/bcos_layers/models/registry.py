@@ -75,28 +75,59 @@ def _register(name: str, builder: Callable[..., nn.Module], description: str, re
     _REGISTRY[name] = ModelInfo(name, builder, resize, description)
 
 
-for _n, _block, _layers in [
-    ("resnet18", BasicBlock, [2, 2, 2, 2]),
-    ("resnet34", BasicBlock, [3, 4, 6, 3]),
-    ("resnet50", Bottleneck, [3, 4, 6, 3]),
-    ("resnet101", Bottleneck, [3, 4, 23, 3]),
-    ("resnet152", Bottleneck, [3, 8, 36, 3]),
+# The B-cos-v2 ImageNet models (official entrypoint names and hyperparameters, bcos 0.1.3
+# ``models/pretrained.py`` + ``experiments/ImageNet/*/experiment_parameters.py``).
+for _n, _block, _layers, _kw in [
+    ("resnet18", BasicBlock, [2, 2, 2, 2], {}),
+    ("resnet34", BasicBlock, [3, 4, 6, 3], {}),
+    ("resnet50", Bottleneck, [3, 4, 6, 3], {}),
+    ("resnet101", Bottleneck, [3, 4, 23, 3], {}),
+    ("resnet152", Bottleneck, [3, 8, 36, 3], {}),
+    ("resnext50_32x4d", Bottleneck, [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
 ]:
-    _register(_n, partial(_resnet, _block, _layers), f"B-cos {_n} (B-cos-v2 layout)")
-_register(
-    "resnet50_long",
-    partial(_resnet, Bottleneck, [3, 4, 6, 3], stochastic_depth_prob=0.1),
-    "B-cos resnet50, long schedule (stochastic depth 0.1; checkpoint bcos_final_long)",
-    resize=232,
-)
-_register("densenet121", BcosDenseNet, "B-cos DenseNet-121 (B-cos-v2 layout)")
+    _register(_n, partial(_resnet, _block, _layers, **_kw), f"B-cos {_n} (B-cos-v2 layout)")
+for _n, _layers in [("resnet50", [3, 4, 6, 3]), ("resnet152", [3, 8, 36, 3])]:
+    _register(
+        f"{_n}_long",
+        partial(_resnet, Bottleneck, _layers, stochastic_depth_prob=0.1),
+        f"B-cos {_n}, long schedule (stochastic depth 0.1; checkpoint bcos_final_long)",
+        resize=232,
+    )
+for _n, _growth, _blocks, _init in [
+    ("densenet121", 32, (6, 12, 24, 16), 64),
+    ("densenet161", 48, (6, 12, 36, 24), 96),
+    ("densenet169", 32, (6, 12, 32, 32), 64),
+    ("densenet201", 32, (6, 12, 48, 32), 64),
+]:
+    _register(
+        _n,
+        partial(BcosDenseNet, growth_rate=_growth, block_config=_blocks, num_init_features=_init),
+        f"B-cos DenseNet-{_n[8:]} (B-cos-v2 layout)",
+    )
 _register(
     "densenet121_long",
     BcosDenseNet,
     "B-cos DenseNet-121, long schedule (checkpoint bcos_final_long)",
     resize=232,
 )
-_register("vitc_s_patch1_14", build_vitc, "B-cos ViTc-S: conv stem + 11 encoders, 14x14 tokens")
+# ViTs: (dim, depth, heads, mlp_dim) of Ti/S/B/L; the ViTc models trade one encoder (L: of 14)
+# for the conv stem and see 14x14 tokens of a x16 stem, the Simple ViTs 16x16 patches.
+_VIT_SIZES = {"ti": (192, 12, 3, 768), "s": (384, 12, 6, 1536), "b": (768, 12, 12, 3072),
+              "l": (1024, 14, 16, 4096)}  # fmt: skip
+_VITC_STEMS = {"ti": (24, 48, 96, 192), "s": (48, 96, 192, 384),
+               "b": (64, 128, 128, 256, 256, 512), "l": (64, 128, 128, 256, 256, 512)}  # fmt: skip
+for _size, (_dim, _depth, _heads, _mlp) in _VIT_SIZES.items():
+    _vit = {"dim": _dim, "heads": _heads, "mlp_dim": _mlp}
+    _register(
+        f"vitc_{_size}_patch1_14",
+        partial(build_vitc, depth=_depth - 1, conv_stem=_VITC_STEMS[_size], **_vit),
+        f"B-cos ViTc-{_size.upper()}: conv stem (x16) + {_depth - 1} encoders, 14x14 tokens",
+    )
+    _register(
+        f"simple_vit_{_size}_patch16_224",
+        partial(build_vitc, depth=_depth, conv_stem=None, patch_size=16, **_vit),
+        f"B-cos Simple ViT-{_size.upper()}: 16x16 patches + {_depth} encoders",
+    )
 _register(
     "tiny_resnet",
     partial(_resnet, BasicBlock, [1, 1, 1, 1], inplanes=8, num_classes=10),
@@ -196,6 +227,10 @@ def create(
     ``model.pretrained_cfg`` (:class:`PretrainedCfg`) attached.
     """
     if name not in _REGISTRY:
+        from bcos_layers.pretrained import NOT_PORTED, official_checkpoint
+
+        if name in NOT_PORTED:
+            official_checkpoint(name)  # raises: released, but the architecture is not ported
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     info = _REGISTRY[name]
     model = info.builder(**kwargs)

@@ -1,4 +1,5 @@
-"""B-cos ViT with a convolutional stem (ViTc, B-cos-v2 ``models/vit.py`` layout).
+"""B-cos ViTs: Simple ViT with a convolutional stem (ViTc) or plain 16x16 patches (B-cos-v2
+``models/vit.py`` layout).
 
 ``vitc_s_patch1_14`` = ``Sequential(SimpleViT, LogitLayer)``, so every key starts with ``0.``
 like the official checkpoint. Stem: B-cos 3x3 convs + GroupNorm(1) (x16 downsampling at 224 →
@@ -162,12 +163,16 @@ def build_vitc(
     depth: int = 11,
     heads: int = 6,
     mlp_dim: int = 1536,
-    conv_stem: Sequence[int] = (48, 96, 192, 384),
+    conv_stem: Sequence[int] | None = (48, 96, 192, 384),
+    patch_size: int = 1,
     in_chans: int = 6,
     logit_bias: float | None = None,
     logit_temperature: float | None = None,
 ) -> BcosViTClassifier:
-    """A B-cos ViTc classifier (defaults: ViTc-S, ``vitc_s_patch1_14``)."""
+    """A B-cos ViT classifier (defaults: ViTc-S, ``vitc_s_patch1_14``).
+
+    ``conv_stem=None, patch_size=16`` gives the plain B-cos Simple ViT (``simple_vit_*_patch16_224``).
+    """
     if num_classes < 2 and logit_bias is None:
         raise ValueError("num_classes must be >= 2 (or pass an explicit logit_bias)")
     vit = SimpleViT(
@@ -176,8 +181,8 @@ def build_vitc(
         depth=depth,
         heads=heads,
         mlp_dim=mlp_dim,
-        patch_size=1,
-        conv_stem=list(conv_stem),
+        patch_size=patch_size,
+        conv_stem=None if conv_stem is None else list(conv_stem),
         in_chans=in_chans,
     )
     bias = math.log(1 / (num_classes - 1)) if logit_bias is None else logit_bias
