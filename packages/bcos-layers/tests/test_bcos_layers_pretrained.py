@@ -277,6 +277,20 @@ def test_download_then_cache(fake_release, tmp_path: Path) -> None:
     assert cached.read_bytes() == release
 
 
+def test_download_and_conversion_are_crash_safe(fake_release, tmp_path: Path, write_log) -> None:
+    """Cache file and converted files: data fsynced, os.replace'd into place, directory fsynced
+    (bcos_layers.fileio); nothing else is left in the directories."""
+    _, src, fake = fake_release
+    cached = P.download_official("resnet50", progress=False)
+    write_log.assert_durable(cached)
+    assert cached.read_bytes() == src.read_bytes()
+    assert os.listdir(cached.parent) == [fake.filename]
+    out = P.convert_to_safetensors(src, tmp_path / "st", arch="resnet50")
+    for name in ("model.safetensors", "config.json"):
+        write_log.assert_durable(out / name)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
 def test_download_with_bad_hash_leaves_nothing(fake_release, tmp_path: Path, monkeypatch) -> None:
     _, _, fake = fake_release
     bad = dataclasses.replace(fake, sha256_prefix="0123456789")

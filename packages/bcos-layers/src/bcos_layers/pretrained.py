@@ -5,7 +5,7 @@ The official weights are plain ``torch.save``'d state dicts named ``<stem>-<sha2
 
 * downloads them from the B-cos-v2 release into the torch hub cache
   (``torch.hub.get_dir()/checkpoints``, which honours ``TORCH_HOME``) with a progress bar,
-  atomically (temporary file, then rename);
+  atomically (:mod:`bcos_layers.fileio`: temporary file, fsync, rename, directory fsync);
 * verifies the SHA-256 prefix carried by the file name, on every load (a corrupted cache file
   is caught, not silently used);
 * loads with ``torch.load(weights_only=True, map_location="cpu")`` -- never a full unpickle --
@@ -28,7 +28,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from bcos_layers.fileio import atomic_path, write_bytes_atomic
 
 __all__ = [
     "NOT_PORTED",
@@ -229,12 +230,15 @@ def _expected_hash_for_file(path: Path, sha256: str | None) -> str | None:
 def _download(url: str, dst: Path, sha256_prefix: str, progress: bool) -> None:
     """Download ``url`` to ``dst`` atomically, verifying the SHA-256 prefix before the rename.
 
-    ``torch.hub.download_url_to_file`` writes to a temporary file next to ``dst``, hashes the
-    stream and moves the file into place only when the hash matches.
+    ``torch.hub.download_url_to_file`` streams into a temporary file next to ``dst`` and hashes
+    the stream; only when the hash matches does :func:`~bcos_layers.fileio.atomic_path` fsync
+    it and move it into place.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256_prefix, progress=progress)
+        with atomic_path(dst) as tmp:
+            torch.hub.download_url_to_file(
+                url, str(tmp), hash_prefix=sha256_prefix, progress=progress
+            )
     except RuntimeError as err:
         if "invalid hash value" in str(err):
             raise CheckpointHashError(
@@ -420,17 +424,6 @@ class SafetensorsCheckpoint(NamedTuple):
     """The full ``config.json`` (arch, source, sha256 of the source, eval transform sizes)."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def convert_to_safetensors(
     name_or_file: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -445,7 +438,7 @@ def convert_to_safetensors(
     ``name_or_file`` is an official checkpoint name (downloaded if needed) or a local ``.pth``
     state-dict file, verified and loaded as by :func:`load_state_dict_file`. For a local file
     ``arch`` is required unless the file name is an official release file name. Both files are
-    written atomically (temporary file, then rename); the safetensors metadata repeats the arch
+    written atomically (:mod:`bcos_layers.fileio`); the safetensors metadata repeats the arch
     and records the state-dict key order.
     """
     from safetensors.torch import save
@@ -487,11 +480,11 @@ def convert_to_safetensors(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    _atomic_write_bytes(
+    write_bytes_atomic(
         out / SAFETENSORS_FILENAME,
         save(tensors, metadata={"arch": arch, "key_order": json.dumps(list(tensors))}),
     )
-    _atomic_write_bytes(out / CONFIG_FILENAME, (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(out / CONFIG_FILENAME, (json.dumps(config, indent=2) + "\n").encode())
     return out
 
 
