@@ -274,3 +274,36 @@ def test_validation_can_be_switched_off(tiny_models: dict[str, nn.Module]) -> No
         assert torch.isnan(model(x)).any()
     finally:
         model.validate_inputs = True
+
+
+def _logit_biases(model: nn.Module) -> list[float | None]:
+    return [m.logit_bias for m in model.modules() if type(m).__name__ == "LogitLayer"]
+
+
+# one per builder: ResNet, ResNet with stochastic depth, DenseNet, ViTc, Simple ViT
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "resnet50_long", "densenet121", "vitc_ti_patch1_14", "simple_vit_ti_patch16_224"],
+)
+def test_logit_bias_for_other_class_counts_and_the_official_rule(name: str, bcos_oracle) -> None:
+    """num_classes=10: ours -log(9) by default, the official entrypoint -log(999);
+    official_logit_bias=True reproduces the official model (same bias, same keys and shapes)."""
+    pretrained = bcos_oracle("bcos.models.pretrained")
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        ref = getattr(pretrained, name)(pretrained=False, num_classes=10)
+        official = create(name, num_classes=10, official_logit_bias=True)
+        default = create(name, num_classes=10)
+        zero = create(name, num_classes=10, logit_bias=0.0)
+    assert _logit_biases(ref) == [-math.log(999)] == [bcos_layers.models.OFFICIAL_LOGIT_BIAS]
+    assert _logit_biases(official) == _logit_biases(ref)
+    assert _key_shapes(official) == _key_shapes(ref)
+    assert _logit_biases(default) == [-math.log(9)]
+    assert _logit_biases(zero) == [0.0]
+
+
+def test_official_logit_bias_refusals() -> None:
+    with pytest.raises(ValueError, match=r"'tiny_resnet' has no official counterpart"):
+        create("tiny_resnet", official_logit_bias=True)
+    with pytest.raises(ValueError, match=r"either official_logit_bias=True or logit_bias="):
+        create("resnet18", official_logit_bias=True, logit_bias=-1.0)

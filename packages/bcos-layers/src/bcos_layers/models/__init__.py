@@ -1,8 +1,9 @@
-"""The B-cos-v2 model zoo: ResNets, DenseNet-121, ViTc-S (official key layout), tiny test models."""
+"""The B-cos-v2 model zoo (official key layout: ResNets, ResNeXt, DenseNets, ViTs), test models."""
 
 from bcos_layers.models._base import BcosModelMixin, check_image_batch
 from bcos_layers.models.densenet import BcosDenseNet
 from bcos_layers.models.registry import (
+    OFFICIAL_LOGIT_BIAS,
     ModelInfo,
     PretrainedCfg,
     create,
@@ -13,6 +14,7 @@ from bcos_layers.models.resnet import BasicBlock, BcosResNet, Bottleneck
 from bcos_layers.models.vit import BcosViTClassifier, SimpleViT, build_vitc
 
 __all__ = [
+    "OFFICIAL_LOGIT_BIAS",
     "BasicBlock",
     "BcosDenseNet",
     "BcosModelMixin",

@@ -8,6 +8,7 @@ leaves the model untouched.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from bcos_layers.models.resnet import BasicBlock, BcosResNet, Bottleneck
 from bcos_layers.models.vit import build_vitc
 
 __all__ = [
+    "OFFICIAL_LOGIT_BIAS",
     "ModelInfo",
     "PretrainedCfg",
     "create",
@@ -206,10 +208,28 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+OFFICIAL_LOGIT_BIAS: float = -math.log(1000 - 1)
+"""``-log(999) = -6.907``: the logit bias of every official B-cos-v2 ImageNet entrypoint, which
+takes it from its ImageNet config whatever ``num_classes`` is passed."""
+
+
 def create(
-    name: str, *, pretrained: bool | str | os.PathLike[str] = False, **kwargs: object
+    name: str,
+    *,
+    pretrained: bool | str | os.PathLike[str] = False,
+    official_logit_bias: bool = False,
+    **kwargs: object,
 ) -> nn.Module:
     """Build a registered model (in eval mode) and optionally load weights strictly.
+
+    The logit bias defaults to ``-log(num_classes - 1)`` (a zero pre-bias output then has
+    sigmoid ``1/C``, B-cos-v2's uniform prior), for any ``num_classes``; an explicit
+    ``logit_bias=`` (``0.0`` included) is used as given. The official entrypoints differ:
+    ``bcos.models.pretrained.resnet50(num_classes=10)`` keeps the ImageNet ``-log(999)``, their
+    CNNs turn ``logit_bias=0.0`` into ``-log(num_classes - 1)`` and their ViTs ignore
+    ``logit_bias``. ``official_logit_bias=True`` gives the official model's bias
+    (:data:`OFFICIAL_LOGIT_BIAS`) for any ``num_classes``, e.g. to rebuild a model fine-tuned
+    with the official code.
 
     Args:
         name: one of :func:`list_models`.
@@ -220,8 +240,11 @@ def create(
             prefix in its name, or a converted safetensors checkpoint of the same architecture).
             For other names: a converted directory, a plain ``.safetensors`` file, or a
             ``torch.save``'d state dict (loaded with ``weights_only=True``).
-        **kwargs: constructor overrides (e.g. ``num_classes``); with ``pretrained`` the strict
-            load reports any resulting mismatch with the checkpoint.
+        official_logit_bias: use the official entrypoints' ``-log(999)`` instead of
+            ``-log(num_classes - 1)`` (see above); only for the official models, and not
+            together with ``logit_bias=``.
+        **kwargs: constructor overrides (e.g. ``num_classes``, ``logit_bias``); with
+            ``pretrained`` the strict load reports any resulting mismatch with the checkpoint.
 
     Returns the model in eval mode (explanations need eval-mode norms), with
     ``model.pretrained_cfg`` (:class:`PretrainedCfg`) attached.
@@ -233,6 +256,20 @@ def create(
             official_checkpoint(name)  # raises: released, but the architecture is not ported
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     info = _REGISTRY[name]
+    if official_logit_bias:
+        from bcos_layers.pretrained import OFFICIAL_CHECKPOINTS
+
+        if name not in OFFICIAL_CHECKPOINTS:
+            raise ValueError(
+                f"official_logit_bias=True: {name!r} has no official counterpart; "
+                "pass logit_bias=... instead"
+            )
+        if "logit_bias" in kwargs:
+            raise ValueError(
+                "pass either official_logit_bias=True or logit_bias=..., not both "
+                f"(official_logit_bias means logit_bias={OFFICIAL_LOGIT_BIAS!r})"
+            )
+        kwargs["logit_bias"] = OFFICIAL_LOGIT_BIAS
     model = info.builder(**kwargs)
     source: str | None = None
     resize = info.resize_size
