@@ -15,6 +15,8 @@ the official ``bcos`` model (after checking that both give the same logits); tor
 plain ``resnet50``/``densenet121`` (3 input channels, ReLU, biased BN) is the non-B-cos peer.
 
 * forward: ``model(x)`` under ``torch.no_grad()``.
+* input check: our model-entry check alone (``_check_input``: shape, dtype, per-element
+  NaN/Inf), reported with the forward pass as a share of our forward time.
 * explanation: the B-cos explanation pass, ``x.requires_grad_()``, explanation mode on,
   ``model(x).max(1).values.sum().backward(inputs=[x])`` -> W(x) for the predicted class of
   every sample. torchvision: the same gradient pass (no explanation mode exists).
@@ -123,6 +125,17 @@ def make_runner(
         return xg.grad
 
     return explain
+
+
+def _input_check_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Our model's entry check exactly as its forward calls it (``BcosModelMixin._check_input``
+    -> ``check_image_batch``: shape, dtype, per-element NaN/Inf)."""
+
+    def check() -> torch.Tensor:
+        model._check_input(x)  # type: ignore[operator]
+        return x
+
+    return check
 
 
 def _sync(device: torch.device) -> None:
@@ -245,6 +258,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                     "ours/torchvision cpu": cpu["ours"] / cpu["torchvision"],
                     "repeats": repeats,
                 }
+                if kind == "forward":
+                    # the model-entry input check (shape, dtype, per-element NaN/Inf) alone
+                    check = _input_check_runner(models["ours"], inputs["ours"])
+                    check_s = statistics.median(
+                        time_interleaved({"check": check}, device, repeats, warmup)["check"]["wall"]
+                    )
+                    row["ours_input_check_ms"] = 1e3 * check_s
+                    row["input_check/ours forward"] = check_s / med["ours"]
                 results.append(row)
                 print(
                     f"   {arch:12} {kind:11} "
@@ -252,6 +273,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                     + f"  ours/bcos {row['ours/bcos']:.3f}",
                     flush=True,
                 )
+                if kind == "forward":
+                    print(
+                        f"   {arch:12} input check {row['ours_input_check_ms']:8.2f} ms "
+                        f"({100 * row['input_check/ours forward']:.2f} % of our forward)",
+                        flush=True,
+                    )
                 if args.profile:
                     for impl in ("ours", "bcos"):
                         print(f"\n-- profile {impl} {arch} {kind} on {device.type}")

@@ -84,7 +84,9 @@ def fact(family: str, layers: tuple[str, ...] | None = None) -> FaCT:
     """A FaCT model of ``family`` with trained SAEs at ``layers`` (default: both)."""
     _, both = FAMILIES[family]
     layers = layers or both
-    return FaCT(backbone(family), {name: trained_sae(family, name) for name in layers}, input_size=SIZE)
+    return FaCT(
+        backbone(family), {name: trained_sae(family, name) for name in layers}, input_size=SIZE
+    )
 
 
 def channels(family: str, layer: str) -> int:
