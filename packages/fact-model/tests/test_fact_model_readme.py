@@ -19,7 +19,7 @@ def test_readme_example_runs(
     code = re.search(
         r"## Explain one image\n\n```python\n(.*?)```", README.read_text(), re.S
     ).group(1)
-    assert len([line for line in code.splitlines() if line.strip()]) < 10  # under ten lines, as the issue asks
+    assert len([line for line in code.splitlines() if line.strip()]) < 10  # under ten lines
     fact("resnet").save_pretrained(tmp_path / "model")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
         tmp_path / "dog.jpg"
