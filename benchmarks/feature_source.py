@@ -14,7 +14,9 @@ written once as a ``topk-sae`` sharded store and exported to Parquet with
 * **train** -- ``topk_sae.train`` for one epoch from each source (``--latents`` latents,
   ``--k``), i.e. the rows/s the trainer actually gets.
 
-Figures are medians of rows/s over ``--repeats`` runs.
+Figures are medians of rows/s over ``--repeats`` runs; one untimed training run comes first and
+the order of the sources rotates between repeats, so one-time costs and drifting machine load
+do not fall on one source.
 """
 
 from __future__ import annotations
@@ -89,8 +91,12 @@ def main() -> None:
         trained: dict[str, list[float]] = {k: [] for k in sources}
         cfg = TrainConfig(n_latents=args.latents, k=args.k, epochs=1, warmup_epochs=0.1, hold_epochs=0.1,
                           progress=False, uncentered_warn_ratio=1e9, checkpoint_every=10**9, device="cpu")  # fmt: skip
+        names = list(sources)
+        train(cfg, sources[names[0]](), out_dir=root / "warm-up", resume=False)  # one-time costs
         for r in range(args.repeats):
-            for name, make in sources.items():
+            # the order rotates between repeats, so no source always runs first (or last)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                make = sources[name]
                 src = make()
                 src.set_epoch(r)
                 t = time.perf_counter()
