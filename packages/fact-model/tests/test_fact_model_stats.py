@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pytest
 import torch
 from fact_model_helpers import backbone, fact, images
 
@@ -11,7 +13,7 @@ from fact_model.concepts import LayerConcepts
 from fact_model.data import IndexedImages, TensorImages, eval_transform_for
 from fact_model.evaluation import evaluate
 from fact_model.explain import concept_contributions, concepts_to_cover
-from fact_model.stats import TopK, concept_statistics, pixels_to_cover
+from fact_model.stats import ConceptStats, TopK, concept_statistics, pixels_to_cover
 
 
 def _dataset(n: int, seed: int) -> IndexedImages:
@@ -65,6 +67,30 @@ def test_streaming_statistics_equal_brute_force() -> None:
         for i in ids
     ]
     assert math.isclose(float(st.spatial_extent[c]), sum(px) / len(px), rel_tol=1e-9)
+
+
+def test_stats_save_load_round_trip_and_refusals(tmp_path: Path) -> None:
+    model = fact("resnet")
+    data = _dataset(9, seed=5)
+    st = concept_statistics(
+        LayerConcepts(model, "layer3"), data, top_k=3, batch_size=4, extent_images=1,
+        progress=False,
+    )  # fmt: skip
+    back = ConceptStats.load(st.save(tmp_path / "s.safetensors"))
+    for name, a in st._asdict().items():
+        b = getattr(back, name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a.nan_to_num(-7), b.nan_to_num(-7)), name
+        else:
+            assert a == b, name
+    from safetensors.torch import save_file
+
+    save_file({"frequency": st.frequency}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a concept-statistics file"):
+        ConceptStats.load(tmp_path / "other.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"bad\.safetensors: cannot read"):
+        ConceptStats.load(tmp_path / "bad.safetensors")
 
 
 def test_pixels_to_cover() -> None:

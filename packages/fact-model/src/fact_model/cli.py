@@ -273,7 +273,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    import torch
 
     from fact_model._atomic import atomic_write_json
     from fact_model.concepts import LayerConcepts
@@ -288,32 +287,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             top_k=args.top_k, extent_images=args.extent_images, batch_size=args.batch_size,
             device=args.device, progress=not args.no_progress,
         )  # fmt: skip
-        tensors = {
-            k: getattr(st, k)
-            for k in (
-                "frequency",
-                "mean_presence",
-                "dead",
-                "always_on",
-                "top_images",
-                "top_values",
-                "label_mass",
-                "entropy",
-                "spatial_extent",
-            )
-        }
-        from safetensors.torch import save_file
-
-        from fact_model._atomic import atomic_path
-
-        with atomic_path(out / f"stats_{layer}.safetensors") as tmp:
-            save_file(
-                {
-                    k: v.contiguous().to(torch.float64) if v.dtype == torch.bool else v.contiguous()
-                    for k, v in tensors.items()
-                },
-                str(tmp),
-            )
+        st.save(out / f"stats_{layer}.safetensors")
         summary = {
             **st.summary(),
             "layer": layer,

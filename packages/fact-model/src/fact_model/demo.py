@@ -56,6 +56,9 @@ class DemoConfig:
         samples_per_image: M of the feature sets, per layer; heldout_per_class: App. A split.
         k, n_latents, sae_lr, sae_epochs, sae_batch_size: the SAE sweep per layer.
         stats_images, c2_images, deletion_per_class, explain_images: analysis sizes.
+        atlas_concepts: concepts per layer shown in the atlas.
+        misclassified_search: how many test images (past the split if need be) are searched
+            for a misclassified one to explain.
         threads: torch CPU threads (fixed, for determinism).
     """
 
@@ -87,6 +90,7 @@ class DemoConfig:
     deletion_per_class: int = 4
     explain_images: int = 8
     atlas_concepts: int = 60
+    misclassified_search: int = 20_000
     threads: int = 2
 
     @classmethod
@@ -155,8 +159,14 @@ def _prepare_out(out: Path, cfg: DemoConfig, seed: int, overwrite: bool) -> None
         if saved == state:
             return  # resume
         if not overwrite:
+            differ = [k for k in ("format", "version", "seed") if saved.get(k) != state[k]] + [
+                f"config.{k}"
+                for k in sorted(set(state["config"]) | set(saved.get("config", {})))
+                if saved.get("config", {}).get(k) != state["config"].get(k)
+            ]
             raise ValueError(
-                f"{out} holds a demo run with other settings (seed or --fast differ); use another "
+                f"{out} holds a demo run with other settings (changed: {', '.join(differ)}; e.g. "
+                "another --seed or --fast, or another version of fact-model); use another "
                 "--out, or --overwrite to start over there"
             )
     elif out.exists() and any(out.iterdir()) and not overwrite:
@@ -380,6 +390,7 @@ def run_demo(
         deletion_step,
         figures_step,
         groundtruth_step,
+        pick_step,
         stats_step,
     )
 
@@ -391,9 +402,26 @@ def run_demo(
     gt = steps.run(
         "groundtruth", lambda: groundtruth_step(model, test, world, cfg, device, progress)
     )
+    # Explained images: one misclassified (searched past the test split if need be) and the
+    # first correct ones; `shown` is the test split extended to the furthest of them.
+    picked = steps.run(
+        "pick",
+        lambda: pick_step(
+            model, test, _world(cfg), cfg.explain_images, cfg.misclassified_search, device
+        ),
+    )
+    shown = test
+    if max(picked["indices"], default=0) >= len(test):
+        from fact_model.data import IndexedImages
+        from fact_model.world_source import WorldImages
+
+        n_shown = max(picked["indices"]) + 1
+        shown = IndexedImages(WorldImages("test", n_shown, config=_world(cfg)), test.transform)
     figs = steps.run(
         "figures",
-        lambda: figures_step(model, test, trained, ev, deletion, cfg, device, progress, out),
+        lambda: figures_step(
+            model, shown, trained, ev, deletion, cfg, device, progress, out, picked["indices"]
+        ),
     )
 
     def step_atlas() -> dict[str, Any]:
@@ -404,7 +432,7 @@ def run_demo(
             for layer in cfg.layers
         }
         path = build_model_atlas(
-            model, test, out / "atlas", indices=list(range(min(cfg.stats_images, len(test)))),
+            model, shown, out / "atlas", indices=list(range(min(cfg.stats_images, len(test)))),
             explain_indices=figs["explained_indices"], top_k=8, max_concepts=cfg.atlas_concepts,
             stats=stats, c2=per_concept_c2, concept_names=gt.get("names"),
             summary=_headline(ev, c2, deletion, gt), title="FaCT concept atlas: the concept world",

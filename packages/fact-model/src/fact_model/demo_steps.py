@@ -12,29 +12,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 import bcos_layers
-from fact_model._atomic import atomic_path
 from fact_model.concepts import LayerConcepts
 from fact_model.consistency import c2_score, deletion
 from fact_model.data import IndexedImages
 from fact_model.model import FaCT
 from fact_model.stats import ConceptStats, concept_statistics
 
-__all__ = ["c2_step", "deletion_step", "figures_step", "groundtruth_step", "stats_step"]
-
-_STAT_TENSORS = (
-    "frequency",
-    "mean_presence",
-    "dead",
-    "always_on",
-    "top_images",
-    "top_values",
-    "label_mass",
-    "entropy",
-    "spatial_extent",
-)
+__all__ = [
+    "c2_step",
+    "deletion_step",
+    "figures_step",
+    "groundtruth_step",
+    "pick_step",
+    "stats_step",
+]
 
 
 def stats_step(
@@ -43,27 +36,12 @@ def stats_step(
     """Concept statistics of ``layer`` on the first ``cfg.stats_images`` test images (cached)."""
     path = out / "steps" / f"stats_{layer}.safetensors"
     if path.is_file():
-        t = load_file(str(path))
-        fields = {k: t[k] for k in _STAT_TENSORS}
-        fields["dead"], fields["always_on"] = fields["dead"].bool(), fields["always_on"].bool()
-        return ConceptStats(
-            name=f"FaCT {layer}",
-            layer=layer,
-            n_images=int(t["n_images"]),
-            always_on_threshold=float(t["always_on_threshold"]),
-            skipped={},
-            **fields,
-        )
+        return ConceptStats.load(path)
     st = concept_statistics(
         LayerConcepts(model, layer), test, indices=range(min(cfg.stats_images, len(test))), top_k=8,
         extent_images=3, batch_size=128, device=device, progress=progress,
     )  # fmt: skip
-    tensors = {k: getattr(st, k).contiguous() for k in _STAT_TENSORS}
-    tensors = {k: v.double() if v.dtype == torch.bool else v for k, v in tensors.items()}
-    tensors["n_images"] = torch.tensor(st.n_images)
-    tensors["always_on_threshold"] = torch.tensor(st.always_on_threshold)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+    st.save(path)
     return st
 
 
@@ -197,25 +175,41 @@ def _maps(
     return torch.cat(maps) if maps else torch.empty(0)
 
 
-def _pick_with_misclassified(model: FaCT, test: IndexedImages, n: int, device: Any) -> list[int]:
-    """``n`` test images to explain: the first one the FaCT model (every SAE in place)
-    misclassifies, searched over the whole split (there may be only one), then the first
-    correctly classified ones."""
-    from fact_model.data import image_loader, iterate
+def pick_step(
+    model: FaCT, test: IndexedImages, world_config: Any, n: int, search: int, device: Any
+) -> dict[str, Any]:
+    """The test images to explain: the first one the FaCT model (every SAE in place)
+    misclassifies, then the first correctly classified ones (``n`` in all).
 
-    wrong: list[int] = []
+    A well-trained model may classify the whole test split correctly; the search then goes on
+    through further test images of the world (same split, indices past ``len(test)``, never
+    seen in training) up to ``search`` images, in chunks, so memory stays bounded."""
+    from fact_model.data import image_loader, iterate
+    from fact_model.world_source import WorldImages
+
     right: list[int] = []
-    for batch in iterate(image_loader(test, batch_size=256)):
-        with torch.no_grad():
-            pred = model(batch.images.to(device)).argmax(1).cpu()
-        for i, ok in zip(batch.indices.tolist(), (pred == batch.labels).tolist()):
-            if ok and len(right) < n:
-                right.append(i)
-            elif not ok and not wrong:
-                wrong.append(i)
-        if wrong and len(right) >= n:
+    wrong: int | None = None
+    chunk, start = test, 0
+    while True:
+        for batch in iterate(image_loader(chunk, batch_size=256)):
+            with torch.no_grad():
+                pred = model(batch.images.to(device)).argmax(1).cpu()
+            for i, ok in zip(batch.indices.tolist(), (pred == batch.labels).tolist()):
+                if ok and len(right) < n:
+                    right.append(start + i)
+                elif not ok and wrong is None:
+                    wrong = start + i
+            if wrong is not None and len(right) >= n:
+                break
+        start += len(chunk)
+        size = min(2000, search - start)
+        if wrong is not None or size <= 0:
             break
-    return (wrong + right)[:n]
+        chunk = IndexedImages(
+            WorldImages("test", size, start=start, config=world_config), test.transform
+        )
+    indices = ([] if wrong is None else [wrong]) + right
+    return {"indices": indices[:n], "misclassified": wrong, "searched": start}
 
 
 def figures_step(
@@ -228,8 +222,10 @@ def figures_step(
     device: Any,
     progress: bool,
     out: Path,
+    explained: list[int],
 ) -> dict[str, Any]:
-    """Explanation, cross-layer, misclassification, deletion and accuracy-vs-sparsity figures."""
+    """Explanation, cross-layer, misclassification, deletion and accuracy-vs-sparsity figures
+    (``explained``: the images to explain, from :func:`pick_step`)."""
     from fact_model.explain import concept_attributions, cross_layer_contributions
     from fact_model.figures import (
         fig_accuracy_vs_sparsity,
@@ -245,7 +241,6 @@ def figures_step(
     fig_dir = out / "figures"
     files: dict[str, str] = {}
     names = test.classes
-    explained = _pick_with_misclassified(model, test, cfg.explain_images, device)
     late = model.layers[-1]
     exps = explanation_pictures(
         model,

@@ -19,8 +19,11 @@ brute-force sort of the full table.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -56,6 +59,20 @@ class TopK:
         self.values, self.ids = vals.gather(1, order), idx.gather(1, order)
 
 
+_STAT_TENSORS = (
+    "frequency",
+    "mean_presence",
+    "dead",
+    "always_on",
+    "top_images",
+    "top_values",
+    "label_mass",
+    "entropy",
+    "spatial_extent",
+)
+"""The per-concept tensors of :class:`ConceptStats` (what :meth:`ConceptStats.save` writes)."""
+
+
 class ConceptStats(NamedTuple):
     """Statistics of every concept of one concept set (n concepts, N images, C classes)."""
 
@@ -89,6 +106,55 @@ class ConceptStats(NamedTuple):
         mass = self.label_mass[concept]
         order = mass.argsort(descending=True)[:k]
         return [int(c) for c in order if mass[c] > 0]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the statistics to one safetensors file, atomically (name, layer and the skip
+        log go into its metadata); :meth:`load` reads it back exactly."""
+        from safetensors.torch import save_file
+
+        from fact_model._atomic import atomic_path
+
+        tensors = {
+            k: (v.to(torch.float64) if v.dtype == torch.bool else v).contiguous()
+            for k in _STAT_TENSORS
+            for v in [getattr(self, k)]
+        }
+        tensors["n_images"] = torch.tensor(self.n_images)
+        tensors["always_on_threshold"] = torch.tensor(self.always_on_threshold, dtype=torch.float64)
+        meta = {"format": "fact-concept-stats", "name": self.name, "layer": self.layer}
+        meta["skipped"] = json.dumps(self.skipped, default=str)
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ConceptStats:
+        """Read statistics written by :meth:`save`; a clear error for any other file."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read concept statistics ({e})") from e
+        missing = [k for k in (*_STAT_TENSORS, "n_images", "always_on_threshold") if k not in t]
+        if meta.get("format") != "fact-concept-stats" or missing:
+            raise ValueError(
+                f"{path} is not a concept-statistics file written by ConceptStats.save "
+                f"(missing: {missing or 'format tag'})"
+            )
+        fields = {k: t[k] for k in _STAT_TENSORS}
+        fields["dead"], fields["always_on"] = fields["dead"].bool(), fields["always_on"].bool()
+        return cls(
+            name=meta.get("name", ""),
+            layer=meta.get("layer", ""),
+            n_images=int(t["n_images"]),
+            always_on_threshold=float(t["always_on_threshold"]),
+            skipped=json.loads(meta.get("skipped", "{}")),
+            **fields,
+        )
 
     def summary(self) -> dict[str, Any]:
         alive = ~self.dead
