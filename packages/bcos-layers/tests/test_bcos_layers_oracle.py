@@ -47,7 +47,9 @@ def test_missing_oracle_skips_with_reason_and_is_an_error_when_required() -> Non
     strict_out, codes = rest.split("=== EXIT-CODES")
     lenient, strict = (int(c) for c in codes.split())
     # the oracle-free tests are those of the import module (counted, not hard-coded)
-    n_free = len(re.findall(r"^def test_", (TESTS / "test_bcos_layers_import.py").read_text(), re.M))
+    n_free = len(
+        re.findall(r"^def test_", (TESTS / "test_bcos_layers_import.py").read_text(), re.M)
+    )
     assert n_free >= 1
     # lenient: collection works, the oracle-free tests pass, the parity tests are skipped
     assert lenient == 0, out
