@@ -7,6 +7,7 @@
     fact stats     MODEL --dataset SPEC --out DIR                        (App. D)
     fact atlas     MODEL --dataset SPEC --out DIR                        (browsable concepts)
     fact demo      [--out DIR] [--fast]                                  (the whole method)
+    fact compare   {c2,deletion} MODEL --out DIR [--dataset ...]          (the paper's tables)
 
 Datasets: ``imagefolder:PATH``, ``hf:NAME[:SPLIT]``, ``hf-disk:PATH[:SPLIT]``, ``world[:SPLIT]``
 (the embedded concept world). Exit codes: 0 success, 1 failure (the message says why),
@@ -314,6 +315,96 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crp_network(args: argparse.Namespace, num_classes: int) -> Any:
+    """A standard torchvision network for CRP: ``--crp-model`` with ``--crp-weights``
+    (a safetensors state dict, loaded strictly; never a pickle)."""
+    if not args.crp_model:
+        return None
+    import torchvision
+    from safetensors.torch import load_file
+
+    if not args.crp_weights:
+        raise ValueError("--crp-model needs --crp-weights (a safetensors state dict of it)")
+    try:
+        builder = torchvision.models.get_model_builder(args.crp_model)
+    except ValueError as err:
+        raise ValueError(f"--crp-model: {err}") from err
+    net = builder(weights=None, num_classes=num_classes)
+    net.load_state_dict(load_file(args.crp_weights), strict=True)
+    return net.to(args.device).eval()
+
+
+class _CrpInput:
+    """The CRP network's input from the B-cos input: the RGB half, ImageNet-normalised."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> Any:
+        import torch
+
+        x = self.transform(image)[:3]
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        return (x - mean) / std
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fact_model.compare import compare_c2, compare_deletion, concept_sets
+    from fact_model.data import IndexedImages
+    from fact_model.world_source import WorldImages
+
+    model = _load_model(args.model, args.device)
+    data = _dataset(args.dataset, model)
+    layer = args.layer or model.layers[-1]
+    out = Path(args.out)
+    methods = args.methods or (["fact", "channels", "craft"] + (["crp"] if args.crp_model else []))
+    train = _dataset(args.train_dataset, model) if "craft" in methods else None
+    sets = concept_sets(
+        model, layer, methods, craft_train=train, craft_components=args.craft_components,
+        craft_images_per_class=args.craft_images_per_class, craft_path=out / f"craft-{layer}",
+        crp_model=_crp_network(args, model.num_classes), crp_layer=args.crp_layer,
+        device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    indices = _limit(data, args.limit, args.seed)
+    if args.table == "c2":
+        world = data.source.world if isinstance(data.source, WorldImages) else None
+        if world is not None and (data.source.split != "test" or data.source.start != 0):
+            world = None  # ground truth is laid out for the test split from image 0
+        if args.extractor == "oracle":
+            if not isinstance(data.source, WorldImages):
+                raise ValueError("--extractor oracle needs a concept-world dataset (world:...)")
+            extractor = data.source.world.oracle_extractor(data.source.split, data.source.start)
+        else:
+            import c2score
+
+            extractor = c2score.make_extractor(args.extractor, device=args.device)
+        crp_data = IndexedImages(data.source, _CrpInput(data.transform)) if "crp" in sets else None
+        table = compare_c2(
+            sets, data, extractor, out, indices=indices, world=world, crp_dataset=crp_data,
+            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        )  # fmt: skip
+        for row in table["methods"].values():
+            gt = row.get("groundtruth", {}).get("fraction_recovered")
+            extra = "" if gt is None else f", {100 * gt:.0f}% of true concepts recovered"
+            c2 = "n/a" if row["c2"] is None else f"{row['c2']:.3f}"
+            print(f"{row['name']:<28s} C2 {c2} ({row['n_scored']} concepts scored{extra})")
+    else:
+        table = compare_deletion(
+            sets, data, out, n_classes=model.num_classes, per_class=args.per_class,
+            seed=args.seed, device=args.device, progress=not args.no_progress,
+        )  # fmt: skip
+        for row in table["methods"].values():
+            aucs = ", ".join(
+                f"{m} {v:.3f}" for m, v in sorted(row["auc"].items(), key=lambda kv: kv[1])
+            )
+            print(f"{row['name']:<28s} deletion AUC: {aucs}")
+        for name, why in table["skipped"].items():
+            print(f"{name}: skipped ({why})")
+    print(f"written: {out / (args.table + '.json')}, {out / (args.table + '.png')}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fact_model.demo import DemoConfig, run_demo
 
@@ -426,6 +517,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "compare", help="the paper's C2 / deletion tables for FaCT, B-cos channels, CRAFT, CRP"
+    )
+    p.add_argument("table", choices=["c2", "deletion"])
+    p.add_argument("model", help="FaCT model directory or Hub repo id")
+    p.add_argument("--dataset", default="world:test:600", help="(default world:test:600)")
+    p.add_argument("--layer", default=None, help="decomposed layer (default: the last)")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--methods", nargs="+", choices=["fact", "channels", "craft", "crp"], default=None,
+        help="default: fact channels craft (+ crp with --crp-model)",
+    )  # fmt: skip
+    p.add_argument("--train-dataset", default="world:train:3000", help="images CRAFT is fitted on")
+    p.add_argument("--craft-components", type=int, default=16, help="CRAFT concepts per class")
+    p.add_argument("--craft-images-per-class", type=int, default=50)
+    p.add_argument("--crp-model", default=None, help="torchvision model name for CRP")
+    p.add_argument("--crp-weights", default=None, help="its safetensors state dict")
+    p.add_argument("--crp-layer", default=None, help="its layer whose channels are the concepts")
+    p.add_argument(
+        "--extractor", default="oracle",
+        help="C2 features: oracle (concept world) or a c2score spec, e.g. dinov2_vits14+loftup",
+    )  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="a random subset of this size")
+    p.add_argument("--per-class", type=int, default=4, help="deletion: images per class")
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("atlas", help="build the browsable concept atlas (static HTML)")
     p.add_argument("model")

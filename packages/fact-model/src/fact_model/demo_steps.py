@@ -24,6 +24,7 @@ __all__ = [
     "c2_step",
     "deletion_step",
     "figures_step",
+    "ground_truth_for",
     "groundtruth_step",
     "pick_step",
     "stats_step",
@@ -115,19 +116,37 @@ def deletion_step(
     return result
 
 
-def groundtruth_step(
-    model: FaCT, test: IndexedImages, world: Any, cfg: Any, device: Any, progress: bool
+def ground_truth_for(
+    concepts: Any, test: IndexedImages, world: Any, n: int, device: Any
 ) -> dict[str, Any]:
-    """Ground truth ImageNet cannot give: for every true concept of the world, the best-matching
-    learned concept (image-level AUROC), how well its Eq. 12 attribution lies in the true mask,
-    and the fraction of true concepts recovered -- for FaCT concepts and B-cos channels."""
+    """Ground-truth recovery of one concept set on the first ``n`` test images of ``world``
+    (``test`` must be its test split from image 0): every true concept's best-matching learned
+    concept (image-level AUROC of the presence), the mass of that concept's input attribution
+    inside the true mask and its pixel AUROC, the fraction recovered (``report.to_dict``)."""
     from fact_model.world.groundtruth import ground_truth_report, localisation_pairs, match_concepts
 
-    n = min(cfg.stats_images, len(test))
+    n = min(n, len(test))
     samples = [world.sample(i, "test") for i in range(n)]
     present = np.stack([s.present for s in samples])
     masks = [s.masks for s in samples]
     x_all = torch.stack([test[i][0] for i in range(n)])
+    pres = torch.cat(
+        [concepts.presence(x_all[s : s + 128].to(device)).cpu() for s in range(0, n, 128)]
+    )
+    matching = match_concepts(pres.double().numpy(), present)
+    images, true_ids = localisation_pairs(matching, present, per_concept=8)
+    learned = matching.learned[true_ids]
+    maps = _maps(concepts, x_all, images.tolist(), learned.tolist(), device)
+    report = ground_truth_report(matching, present, images, true_ids, maps.numpy(), masks)
+    return report.to_dict(world.concept_names)
+
+
+def groundtruth_step(
+    model: FaCT, test: IndexedImages, world: Any, cfg: Any, device: Any, progress: bool
+) -> dict[str, Any]:
+    """Ground truth ImageNet cannot give (:func:`ground_truth_for`) for FaCT concepts and
+    B-cos channels at every layer; learned concepts that match a true one well get its name."""
+    n = min(cfg.stats_images, len(test))
     out: dict[str, Any] = {
         "layers": {},
         "channels": {},
@@ -137,15 +156,7 @@ def groundtruth_step(
     for layer in model.layers:
         for kind, key in (("sae", "layers"), ("channels", "channels")):
             concepts = LayerConcepts(model, layer, kind)
-            pres = torch.cat(
-                [concepts.presence(x_all[s : s + 128].to(device)).cpu() for s in range(0, n, 128)]
-            )
-            matching = match_concepts(pres.double().numpy(), present)
-            images, true_ids = localisation_pairs(matching, present, per_concept=8)
-            learned = matching.learned[true_ids]
-            maps = _maps(concepts, x_all, images.tolist(), learned.tolist(), device)
-            report = ground_truth_report(matching, present, images, true_ids, maps.numpy(), masks)
-            out[key][layer] = report.to_dict(world.concept_names)
+            out[key][layer] = ground_truth_for(concepts, test, world, n, device)
             if kind == "sae":
                 names: list[str | None] = [None] * concepts.n_concepts
                 ranked = sorted(
@@ -164,7 +175,7 @@ def groundtruth_step(
 
 
 def _maps(
-    concepts: LayerConcepts, x_all: torch.Tensor, images: list[int], ids: list[int], device: Any
+    concepts: Any, x_all: torch.Tensor, images: list[int], ids: list[int], device: Any
 ) -> torch.Tensor:
     """Eq. 12 maps of concept ``ids[j]`` on image ``images[j]`` -> (P, H, W)."""
     maps = []
