@@ -80,7 +80,7 @@ def test_shapes_presence_attributions_and_report(craft: CraftConcepts) -> None:
     assert codes.shape[:2] == (3, 8) and (codes >= 0).all()
     pred = craft.predicted(x)
     for i in range(3):  # predicted basis: only that class's block is non-zero
-        other = [c for c in range(2) if c != int(pred[i])][0]
+        other = 1 - int(pred[i])
         assert torch.all(codes[i, other * 4 : (other + 1) * 4] == 0)
     torch.testing.assert_close(craft.presence(x), codes.sum((2, 3)))
     att = craft.attributions(x, [0, 5])
