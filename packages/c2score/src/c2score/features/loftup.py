@@ -398,10 +398,13 @@ def from_training_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str
 
 
 def _conversion_recipe(path: Path) -> str:
+    # Still weights_only=True: only the classes the user allowlists (those torch names in its
+    # error) may be rebuilt, nothing else in the file runs. We never suggest plain unpickling.
     return (
         "if it is a LoftUp training checkpoint from a source you trust, extract its tensors "
-        "once in Python: ckpt = torch.load("
-        f"{str(path)!r}, map_location='cpu', weights_only=False); "
+        "once in Python, allowlisting only the classes torch names below: "
+        "with torch.serialization.safe_globals([TheClass, ...]): ckpt = torch.load("
+        f"{str(path)!r}, map_location='cpu', weights_only=True); "
         "torch.save(ckpt['state_dict'], 'loftup.bin') -- and pass loftup.bin (its upsampler.* / "
         "model.1.* keys are converted on loading)"
     )
