@@ -13,7 +13,7 @@ B-cos network's own channels at the same layer (the paper's baseline) -- with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -30,9 +30,30 @@ from fact_model.explain import (
 from fact_model.model import FaCT
 from fact_model.splice import Layout, decode_dense
 
-__all__ = ["ConceptKind", "LayerConcepts"]
+__all__ = ["ConceptKind", "LayerConcepts", "head_contributions"]
 
 ConceptKind = Literal["sae", "channels"]
+
+
+def head_contributions(
+    model: FaCT, head: Callable[[Tensor], Tensor], codes: Tensor, targets: Tensor | int,
+    layout: Layout,
+) -> Tensor:  # fmt: skip
+    """(B, K) ``codes * d logit / d codes`` of the target logits through ``head``, summed over
+    positions, in ``model``'s explanation mode: there the head is linear in the codes, so the
+    contributions add up to the logit minus the bias (Eq. 9). Shared by every concept set
+    whose head runs the B-cos network (FaCT latents, channels, CRAFT)."""
+    b = codes.shape[0]
+    tgt = torch.as_tensor(targets, device=codes.device).long().reshape(-1)
+    tgt = tgt.expand(b) if tgt.numel() == 1 else tgt
+    if tgt.shape != (b,):
+        raise ValueError(f"targets must be an int or ({b},), got {tuple(tgt.shape)}")
+    leaf = codes.detach().requires_grad_(True)
+    with torch.enable_grad(), model.explanation_mode():
+        logits = head(leaf)
+        (g,) = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), leaf)
+    per = leaf.detach() * g
+    return per.sum((2, 3)) if layout == "BKHW" else per.sum(1)
 
 
 class LayerConcepts:
@@ -96,17 +117,7 @@ class LayerConcepts:
         In explanation mode the head is linear in the codes, so ``codes * d logit / d codes``
         summed over positions adds up to the logit minus the bias.
         """
-        b = codes.shape[0]
-        tgt = torch.as_tensor(targets, device=codes.device).long().reshape(-1)
-        tgt = tgt.expand(b) if tgt.numel() == 1 else tgt
-        if tgt.shape != (b,):
-            raise ValueError(f"targets must be an int or ({b},), got {tuple(tgt.shape)}")
-        leaf = codes.detach().requires_grad_(True)
-        with torch.enable_grad(), self.model.explanation_mode():
-            logits = self.head(leaf)
-            (g,) = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), leaf)
-        per = leaf.detach() * g
-        return per.sum((2, 3)) if self.layout == "BKHW" else per.sum(1)
+        return head_contributions(self.model, self.head, codes, targets, self.layout)
 
     # ------------------------------------------------------------------ explanations
     def explain(

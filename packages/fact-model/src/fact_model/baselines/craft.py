@@ -275,16 +275,9 @@ class CraftConcepts:
     def contributions(self, codes: Tensor, targets: Tensor | int) -> Tensor:
         """(B, K) gradient x codes of the target logits in explanation mode (sums to the logit
         minus the bias: the head is linear in the codes there)."""
-        b = codes.shape[0]
-        tgt = torch.as_tensor(targets, device=codes.device).long().reshape(-1)
-        tgt = tgt.expand(b) if tgt.numel() == 1 else tgt
-        if tgt.shape != (b,):
-            raise ValueError(f"targets must be an int or ({b},), got {tuple(tgt.shape)}")
-        leaf = codes.detach().requires_grad_(True)
-        with torch.enable_grad(), self.model.explanation_mode():
-            logits = self.head(leaf)
-            (g,) = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), leaf)
-        return (leaf.detach() * g).sum((2, 3))
+        from fact_model.concepts import head_contributions
+
+        return head_contributions(self.model, self.head, codes, targets, "BKHW")
 
     def presence(self, images: Tensor) -> Tensor:
         """(B, K) concept presence: codes summed over positions."""
