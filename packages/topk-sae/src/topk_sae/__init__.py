@@ -16,7 +16,7 @@ from topk_sae.metrics import (
 )
 from topk_sae.sae import BiasFreeTopKSAE, SAEOutput, SparseCode
 from topk_sae.stability import StabilityResult, stability_score
-from topk_sae.store import FeatureStoreWriter, ShardedFeatureStore, StoreSource
+from topk_sae.store import FeatureStoreWriter, ShardedFeatureStore, StoreSource, merge_stores
 from topk_sae.sweep import RunResult, SweepResult, pareto_front, select_best
 from topk_sae.trainer import TrainingDivergedError, TrainResult, train
 
@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "firing_histogram",
     "gather_preacts",
+    "merge_stores",
     "pareto_front",
     "select_best",
     "sparse_decode",

@@ -65,7 +65,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of the initialisation (the source has its own seed for the data order)."""
     device: str | None = None
-    """Torch device; ``None`` picks CUDA when available, else CPU."""
+    """Torch device: ``cpu`` (also ``None``), ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when
+    available). Nothing goes to CUDA unless asked; under ``torchrun`` a bare ``cuda`` means
+    ``cuda:LOCAL_RANK``."""
     autocast_bf16: bool = False
     """Run the dense encoder matmul in bfloat16 autocast (selected values are recomputed in
     float32; the loss is accumulated in float32)."""

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from topk_sae import distributed as dist
 from topk_sae.sae import SparseCode
 
 __all__ = [
@@ -160,6 +161,43 @@ class MetricsAccumulator:
         if self._mean_D is not None and self._m2_D is not None:
             self._mean_D, self._m2_D = self._mean_D.to(device), self._m2_D.to(device)
 
+    def all_reduce(self) -> None:
+        """Merge the accumulators of all ranks into every rank's (a no-op in one process).
+
+        Exact merge of (count, mean, M2) over ranks (the parallel form of the batch merge in
+        ``update``), counts summed; every rank then holds the statistics of all rows.
+        """
+        if not dist.is_distributed():
+            return
+        device = self._fires_L.device
+        has = 0.0 if self._mean_D is None else 1.0
+        d = 0 if self._mean_D is None else self._mean_D.shape[0]
+        dims = dist.all_reduce_sum(torch.tensor([d * has, has], dtype=torch.float64))
+        if float(dims[1]) == 0:
+            return  # no rank saw a row
+        d_all = round(float(dims[0] / dims[1]))
+        n_r = torch.tensor(float(self.num_rows), dtype=torch.float64, device=device)
+        mean_r = (
+            self._mean_D
+            if self._mean_D is not None
+            else torch.zeros(d_all, dtype=torch.float64, device=device)
+        )
+        m2_r = (
+            self._m2_D
+            if self._m2_D is not None
+            else torch.zeros(d_all, dtype=torch.float64, device=device)
+        )
+        n = dist.all_reduce_sum(n_r)
+        if float(n) == 0:
+            return
+        mean = dist.all_reduce_sum(mean_r * n_r) / n
+        m2 = dist.all_reduce_sum(m2_r + (mean_r - mean).square() * n_r)
+        self.num_rows = int(n)
+        self._mean_D, self._m2_D = mean, m2
+        self._sse = dist.all_reduce_sum(self._sse)
+        self._active = dist.all_reduce_sum(self._active)
+        self._fires_L = dist.all_reduce_sum(self._fires_L)
+
     def compute(self) -> SAEMetrics:
         """Metrics over everything seen since the last ``reset``."""
         if self.num_rows == 0 or self._m2_D is None:
@@ -227,12 +265,17 @@ def evaluate(
     *,
     batch_size: int = 4096,
     always_active_threshold: float = 0.6,
+    distributed: bool | None = None,
 ) -> SAEMetrics:
     """Metrics of ``model`` (called as ``model(x) -> (recon, code)``) on a whole data set.
 
     ``data`` is an ``(N, d_in)`` tensor (cut into ``batch_size`` rows) or a batch source; a
     source with ``set_epoch``/``state_dict`` (e.g. ``TensorSource``, ``StoreSource``) is read for
     one full epoch and then restored to its previous position.
+
+    ``distributed`` (default: whether a process group of several ranks is active): every rank
+    evaluates its contiguous part of each batch and the accumulators are merged, so every rank
+    returns the metrics of the whole set; all ranks must then call ``evaluate`` together.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -247,10 +290,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
+        split = dist.is_distributed() if distributed is None else distributed
         for x in _batches(data, batch_size):
+            if split:
+                x = x[dist.rank_slice(x.shape[0])]
+                if x.shape[0] == 0:
+                    continue
             x = x.to(device)
             recon, code = model(x)
             acc.update(x, recon, code)
+        if split:
+            acc.all_reduce()
     finally:
         model.train(was_training)
         if saved is not None:

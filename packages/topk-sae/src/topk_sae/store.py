@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,13 +37,14 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from topk_sae.fileio import atomic_save_tensors, atomic_write_json
+from topk_sae.fileio import atomic_save_tensors, atomic_write_json, read_json
 
 __all__ = [
     "FeatureStoreWriter",
     "ShardInfo",
     "ShardedFeatureStore",
     "StoreSource",
+    "merge_stores",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -383,6 +385,91 @@ class FeatureStoreWriter:
         else:
             # Keep the complete shards, drop pending rows: the store stays resumable.
             self._closed = True
+
+
+MERGE_PLAN_NAME = "merge-plan.json"
+
+
+def merge_stores(
+    parts: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    attributes: Mapping[str, Any] | None = None,
+    remove_parts: bool = True,
+) -> ShardedFeatureStore:
+    """Concatenate complete stores (e.g. one per rank of a distributed extraction), in the
+    order given, into the store ``out`` by moving their shard files: no row is copied.
+
+    The rows of ``out`` are those of ``parts[0]``, then ``parts[1]``, ...; the parts must share
+    ``d_in``, dtype and metadata fields. ``attributes`` become the merged store's attributes
+    (default: those of ``parts[0]``). The merge is resumable: the list of moves is written
+    first (``merge-plan.json`` in ``out``), every move is an atomic rename that a rerun skips
+    once done, and the manifest is written last; a crash at any point leaves either the parts
+    or the finished store recoverable by calling ``merge_stores`` again with the same
+    arguments. ``remove_parts`` deletes the emptied part directories afterwards.
+    """
+    root = Path(out)
+    plan_path = root / MERGE_PLAN_NAME
+    if (root / MANIFEST_NAME).is_file() and not plan_path.exists():
+        return ShardedFeatureStore(root)  # merged before
+    if plan_path.exists():
+        plan = read_json(plan_path)
+    else:
+        if not parts:
+            raise ValueError("merge_stores needs at least one part")
+        stores = [ShardedFeatureStore(p) for p in parts]  # each must be complete
+        layout = [(s.d_in, _dtype_name(s.dtype), s.metadata_fields) for s in stores]
+        if any(entry != layout[0] for entry in layout):
+            raise ValueError(
+                f"cannot merge stores of different layouts (d_in, dtype, metadata): {layout}"
+            )
+        if root.exists() and any(root.iterdir()):
+            raise ValueError(f"{root} is not empty; merge into a new directory")
+        moves, shards, dropped = [], [], 0
+        for store in stores:
+            manifest = _read_manifest(store.path)
+            dropped += int(manifest.get("num_dropped_nonfinite", 0))
+            for entry in manifest["shards"]:
+                name = _shard_name(len(shards))
+                moves.append([str(store.path / entry["file"]), name])
+                shards.append({**entry, "file": name})
+        d_in, dtype_name, fields = layout[0]
+        plan = {
+            "parts": [str(s.path) for s in stores],
+            "moves": moves,
+            "manifest": {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "d_in": d_in,
+                "dtype": dtype_name,
+                "metadata_fields": fields,
+                "shard_rows": max([int(s["num_rows"]) for s in shards], default=1),
+                "num_rows": sum(int(s["num_rows"]) for s in shards),
+                "num_dropped_nonfinite": dropped,
+                "complete": True,
+                "shards": shards,
+                "attributes": _json_roundtrip(
+                    stores[0].attributes if attributes is None else attributes
+                ),
+            },
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(plan_path, plan, indent=1)
+    for src, name in plan["moves"]:
+        dst = root / name
+        if Path(src).exists():
+            os.replace(src, dst)
+        elif not dst.exists():
+            raise FileNotFoundError(
+                f"cannot finish merging into {root}: shard {src} is missing and {dst} was not "
+                "moved yet (was a part changed after the merge started?)"
+            )
+    atomic_write_json(root / MANIFEST_NAME, plan["manifest"], indent=1)
+    plan_path.unlink()
+    if remove_parts:
+        for part in plan["parts"]:
+            shutil.rmtree(part, ignore_errors=True)
+    return ShardedFeatureStore(root)
 
 
 class ShardedFeatureStore:

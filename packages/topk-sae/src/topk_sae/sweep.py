@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from topk_sae import distributed as dist
 from topk_sae.config import TrainConfig
 from topk_sae.data import BatchSource
 from topk_sae.fileio import atomic_write_json, read_json
@@ -208,6 +209,8 @@ def sweep(
         runs = [RunResult(**recorded[n]) for n in names if n in recorded]
         best = select_best(runs, tolerance=tolerance, top=top)
         front = pareto_front(runs)
+        if dist.rank() != 0:  # under torchrun every rank sweeps together; rank 0 writes
+            return runs
         atomic_write_json(
             results_path,
             {
@@ -225,7 +228,7 @@ def sweep(
         return runs
 
     for (kk, nn, rate), name in zip(
-        tqdm(grid, desc="sweep", disable=not progress), names, strict=True
+        tqdm(grid, desc="sweep", disable=not progress or dist.rank() != 0), names, strict=True
     ):
         done = recorded.get(name)
         if done is not None and (done["error"] is None or not retry_failed):

@@ -1,0 +1,79 @@
+"""merge_stores: per-rank stores concatenated by moving shards, resumable after a crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from topk_sae import FeatureStoreWriter, ShardedFeatureStore, merge_stores
+from topk_sae import store as store_module
+
+
+def make_parts(root: Path, sizes: list[int], d: int = 5) -> tuple[list[Path], torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    parts, rows = [], []
+    start = 0
+    for r, n in enumerate(sizes):
+        x = torch.randn(n, d, generator=gen)
+        path = root / f"rank-{r}"
+        with FeatureStoreWriter(
+            path, d, shard_rows=4, metadata=("image_index",), attributes={"rank": r}
+        ) as w:
+            w.append(x, image_index=torch.arange(start, start + n))
+        parts.append(path)
+        rows.append(x)
+        start += n
+    return parts, torch.cat(rows)
+
+
+def test_merge_concatenates_in_order_and_removes_parts(tmp_path: Path) -> None:
+    parts, rows = make_parts(tmp_path, [7, 0, 9, 3])
+    merged = merge_stores(parts, tmp_path / "all", attributes={"what": "merged"})
+    assert merged.num_rows == 19 and merged.complete
+    torch.testing.assert_close(merged.read(0, 19), rows, rtol=0, atol=0)
+    assert merged.read(0, 19, field="image_index").tolist() == list(range(19))
+    assert merged.attributes == {"what": "merged"}
+    assert not any(p.exists() for p in parts)
+    again = merge_stores(parts, tmp_path / "all")  # already merged: returned as is
+    assert again.num_rows == 19
+    # reopened from disk like any store
+    torch.testing.assert_close(ShardedFeatureStore(tmp_path / "all").read(5, 12), rows[5:12])
+
+
+def test_merge_resumes_after_a_crash_mid_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts, rows = make_parts(tmp_path, [6, 10])
+    real = os.replace
+    calls = {"n": 0}
+
+    def flaky(src: str, dst: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(store_module.os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated crash"):
+        merge_stores(parts, tmp_path / "all")
+    assert (tmp_path / "all" / store_module.MERGE_PLAN_NAME).exists()
+    assert not (tmp_path / "all" / store_module.MANIFEST_NAME).exists()
+    monkeypatch.setattr(store_module.os, "replace", real)
+    merged = merge_stores(parts, tmp_path / "all")
+    torch.testing.assert_close(merged.read(0, 16), rows, rtol=0, atol=0)
+    assert not (tmp_path / "all" / store_module.MERGE_PLAN_NAME).exists()
+
+
+def test_merge_refuses_mixed_layouts_and_incomplete_parts(tmp_path: Path) -> None:
+    a, _ = make_parts(tmp_path / "a", [3], d=5)
+    b, _ = make_parts(tmp_path / "b", [3], d=6)
+    with pytest.raises(ValueError, match="different layouts"):
+        merge_stores([*a, *b], tmp_path / "out")
+    w = FeatureStoreWriter(tmp_path / "open", 5)
+    w.append(torch.zeros(2, 5))
+    w.flush()
+    with pytest.raises(ValueError, match="not complete"):
+        merge_stores([tmp_path / "open"], tmp_path / "out2")
