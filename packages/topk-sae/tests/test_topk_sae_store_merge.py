@@ -77,3 +77,25 @@ def test_merge_refuses_mixed_layouts_and_incomplete_parts(tmp_path: Path) -> Non
     w.flush()
     with pytest.raises(ValueError, match="not complete"):
         merge_stores([tmp_path / "open"], tmp_path / "out2")
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_batch_order_does_not_depend_on_shard_layout(tmp_path: Path, prefetch: bool) -> None:
+    x = torch.randn(103, 4, generator=torch.Generator().manual_seed(1))
+    stores = []
+    for i, shard_rows in enumerate((103, 10, 7, 1)):
+        with FeatureStoreWriter(tmp_path / str(i), 4, shard_rows=shard_rows) as w:
+            w.append(x)
+        stores.append(ShardedFeatureStore(tmp_path / str(i)))
+    assert [len(s.shards) for s in stores] == [1, 11, 15, 103]
+    for epoch in (0, 1):
+        runs = []
+        for s in stores:
+            src = s.source(16, seed=4, shuffle_buffer_rows=40, block_rows=6, prefetch=prefetch)
+            src.set_epoch(epoch)
+            runs.append(torch.cat(list(src)))
+        for other in runs[1:]:
+            assert torch.equal(other, runs[0])
+        assert sorted(runs[0][:, 0].tolist()) == sorted(x[:, 0].tolist())  # each row once
+    # default block size: from the row count, not from the largest shard
+    assert stores[0].source(16).block_rows == stores[3].source(16).block_rows

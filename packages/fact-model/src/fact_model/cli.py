@@ -67,6 +67,12 @@ def _backbone(args: argparse.Namespace) -> Any:
     if not isinstance(kwargs, dict):
         raise ValueError("--backbone-kwargs must be a JSON object")
     pretrained: Any = True if args.pretrained else (args.weights or False)
+    if not pretrained:
+        import torch
+
+        # A randomly initialised backbone is a function of --seed: reruns, resumes and the
+        # ranks of a torchrun job all build the same network.
+        torch.manual_seed(args.seed)
     model = bcos_layers.create(args.backbone, pretrained=pretrained, **kwargs)
     model.fact_backbone_spec = BackboneSpec(args.backbone, kwargs, official=bool(args.pretrained))
     return model.to(args.device).eval()
@@ -114,6 +120,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        autocast_bf16=args.bf16,
     )
     fs = extract_features(
         backbone,
@@ -156,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "heldout_per_class": args.heldout_per_class,
             "seed": args.seed,
             "batch_size": args.batch_size,
+            "autocast_bf16": args.bf16,
         },
         sae=TrainConfig(
             n_latents=grids[args.layer[0]].n_latents[0],
@@ -461,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--heldout-per-class", type=int, default=50)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast for the backbone during extraction"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_features)
 
@@ -481,7 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=16.0)
     p.add_argument("--sae-batch-size", type=int, default=32786)
     p.add_argument("--init", choices=["random", "data"], default="data")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the SAE encoder matmul")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast for the SAE encoder matmul and the backbone during extraction "
+        "(explanations and evaluation stay float32)",
+    )
     p.add_argument("--samples-per-image", type=int, default=None)
     p.add_argument("--budget-gb", type=float, default=170.0)
     p.add_argument("--heldout-per-class", type=int, default=50)
@@ -561,10 +577,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DISTRIBUTED = ("features", "train", "evaluate")
+"""Commands that split their work across the ranks of ``torchrun``."""
+
+
+def _join_torchrun(args: argparse.Namespace) -> bool:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group; only rank 0 prints."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if args.command not in _DISTRIBUTED:
+        raise RuntimeError(
+            f"fact {args.command} runs in one process; of the commands only "
+            f"{', '.join(_DISTRIBUTED)} split their work under torchrun"
+        )
+    from topk_sae import distributed as dist
+
+    dist.init_from_env(args.device)
+    if dist.rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    joined = False
     try:
+        joined = _join_torchrun(args)
         return int(args.func(args))
     except KeyboardInterrupt:
         print(
@@ -583,6 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as err:
         print(f"fact {args.command}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            from topk_sae import distributed as dist
+
+            dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,24 @@ class SkipLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def merge(self, other: SkipLog) -> None:
+        """Add another pass's log (e.g. another rank's), keeping at most 5 examples a reason."""
+        self.counts.update(other.counts)
+        for key, ids in other.examples.items():
+            mine = self.examples.setdefault(key, [])
+            mine.extend(ids[: max(0, 5 - len(mine))])
+
+    def gathered(self) -> SkipLog:
+        """The log of all ranks of a process group merged in rank order (self in one process)."""
+        from topk_sae import distributed as dist
+
+        if not dist.is_distributed():
+            return self
+        merged = SkipLog()
+        for log in dist.all_gather_object(self):
+            merged.merge(log)
+        return merged
+
     def summary(self) -> dict[str, Any]:
         return {"skipped": self.total, "reasons": dict(self.counts), "examples": self.examples}
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from fact_model.data import IndexedImages, SkipLog, image_loader, iterate
 from fact_model.explain import concept_contributions, concepts_to_cover
 from fact_model.model import FaCT
+from topk_sae import distributed as dist
 
 __all__ = ["Accuracy", "EvalResult", "LayerEval", "evaluate"]
 
@@ -74,8 +75,17 @@ def evaluate(
     device: Any = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate the B-cos backbone and FaCT at each of ``layers`` (default: all decomposed)."""
+    """Evaluate the B-cos backbone and FaCT at each of ``layers`` (default: all decomposed).
+
+    Under ``torchrun`` (a process group of several ranks, all calling it) every rank evaluates
+    a contiguous share of the images and the counts are summed: every rank returns the result
+    of the whole set.
+    """
     layers = list(model.layers if layers is None else layers)
+    if dist.is_distributed():
+        everything = list(range(len(dataset))) if indices is None else list(indices)
+        indices = everything[dist.rank_slice(len(everything))]
+        progress = progress and dist.rank() == 0
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)
     log = SkipLog()
     n = 0
@@ -103,6 +113,16 @@ def evaluate(
             a[4] += int((out.output.argmax(1) == ref.argmax(1)).sum())
             a[5] = max(a[5], float(out.completeness_error.abs().max()))
         n += len(y)
+    if dist.is_distributed():
+        sums = torch.tensor(
+            [n, *bcos, *(v for name in layers for v in acc[name][:5])], dtype=torch.float64
+        )
+        sums = dist.all_reduce_sum(sums).tolist()
+        n, bcos = int(sums[0]), [int(sums[1]), int(sums[2])]
+        worst = dist.all_reduce_max(torch.tensor([acc[name][5] for name in layers] or [0.0]))
+        for i, name in enumerate(layers):
+            acc[name] = [*sums[3 + 5 * i : 8 + 5 * i], float(worst[i])]
+        log = log.gathered()
     if n == 0:
         raise ValueError(f"no image could be evaluated ({log})")
     return EvalResult(

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ from bcos_layers import explanation_mode
 from fact_model._atomic import atomic_write_json
 from fact_model.data import IndexedImages, SkipLog, image_loader
 from fact_model.splice import ConceptLayer, Recorder, find_module, set_module
-from topk_sae import FeatureStoreWriter, ShardedFeatureStore
+from topk_sae import FeatureStoreWriter, ShardedFeatureStore, merge_stores
+from topk_sae import distributed as dist
+from topk_sae.store import MERGE_PLAN_NAME
 
 __all__ = [
     "PAPER_BUDGET_BYTES",
@@ -75,6 +78,10 @@ class FeatureConfig:
         batch_size: images per forward/backward pass.
         dtype: on-disk dtype of the vectors (``float32``, ``float16`` or ``bfloat16``).
         flush_rows: rows per shard (a shard is written at the first batch boundary past it).
+        autocast_bf16: run the backbone forward and the contribution backward in bfloat16
+            autocast (faster on GPUs with bf16 tensor cores). The stored vectors are then the
+            bf16 network's; it is recorded in the provenance, so such a set is never mixed with
+            a float32 one. Explanations and completeness checks always run in float32.
     """
 
     layer: str
@@ -85,6 +92,7 @@ class FeatureConfig:
     batch_size: int = 64
     dtype: str = "float32"
     flush_rows: int = 1 << 16
+    autocast_bf16: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer, str) or not self.layer:
@@ -190,7 +198,7 @@ class _Tap:
 
 
 def position_weights(
-    backbone: nn.Module | _Tap, x: Tensor, layer: str
+    backbone: nn.Module | _Tap, x: Tensor, layer: str, *, autocast_bf16: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. A.1 weights: ``|contribution|`` of every position of ``layer`` to the predicted
     logit, in the original B-cos model (explanation mode).
@@ -201,16 +209,17 @@ def position_weights(
     tap = backbone if isinstance(backbone, _Tap) else _Tap(backbone, layer)
     rec = Recorder(leaf_codes=True)
     tap.tap.recorder = rec
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
     try:
-        with torch.enable_grad(), explanation_mode(tap.model):
+        with torch.enable_grad(), explanation_mode(tap.model), autocast:
             logits = tap.model(x)
             feats = rec.features
             assert feats is not None
-            pred = logits.argmax(1)
-            (g,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), feats)
+            pred = logits.float().argmax(1)
+            (g,) = torch.autograd.grad(logits.gather(1, pred[:, None]).float().sum(), feats)
     finally:
         tap.tap.recorder = None
-    feats = feats.detach()
+    feats, g = feats.detach().float(), g.float()
     if feats.ndim == 4:
         contrib = (feats * g).sum(1).flatten(1)  # (B, H*W)
         rows = feats.flatten(2).transpose(1, 2)  # (B, H*W, C)
@@ -255,6 +264,8 @@ def _provenance(
         "dataset": describe or f"{type(dataset.source).__name__} of {len(dataset)} images",
         "n_images": len(dataset),
         "sampling": "gumbel-top-k |B-cos contribution to the predicted logit| (Eq. A.1)",
+        # Only when set: stores extracted before this option existed keep their provenance.
+        **({"autocast": "bfloat16"} if config.autocast_bf16 else {}),
     }
 
 
@@ -316,7 +327,9 @@ def _extract_split(
             n_items = len(batch.indices) + len(batch.skipped)
             if len(batch.indices):
                 x = batch.images.to(device) if device is not None else batch.images
-                weights, rows, _ = position_weights(tap, x, config.layer)
+                weights, rows, _ = position_weights(
+                    tap, x, config.layer, autocast_bf16=config.autocast_bf16
+                )
                 gens = [image_generator(config.seed, int(i)) for i in batch.indices]
                 pos, _ = sample_positions(weights.cpu(), m, gens)
                 rows = rows.cpu()
@@ -341,6 +354,72 @@ def _extract_split(
     return ShardedFeatureStore(path)
 
 
+def _extract_split_sharded(
+    tap: _Tap,
+    dataset: IndexedImages,
+    indices: list[int],
+    path: Path,
+    provenance: dict[str, Any],
+    config: FeatureConfig,
+    m: int,
+    device: Any,
+    progress: bool,
+    desc: str,
+) -> ShardedFeatureStore:
+    """``_extract_split`` across the ranks of a process group: rank r extracts its contiguous
+    share of ``indices`` into ``<path>.parts/rank-r-of-W`` (resumable on its own), then rank 0
+    merges the parts in rank order into ``path`` -- the rows and order of one process."""
+    world, rank = dist.world_size(), dist.rank()
+    hashes = dist.all_gather_object(provenance["weights_sha256"])
+    if len(set(hashes)) > 1:
+        raise ValueError(
+            "the ranks hold different backbones (weights hashes "
+            f"{sorted({h[:12] for h in hashes})}); load the same weights on every rank (or seed "
+            "a random initialisation identically) before extracting"
+        )
+    plan = path / MERGE_PLAN_NAME
+    if (path / "manifest.json").is_file() and not plan.exists():
+        _check_provenance(path, provenance)
+        dist.barrier()
+        return ShardedFeatureStore(path)
+    parts_root = path.with_name(path.name + ".parts")
+    names = [f"rank-{r:05d}-of-{world:05d}" for r in range(world)]
+    if not plan.exists():
+        if parts_root.is_dir():
+            other = sorted(p.name for p in parts_root.iterdir() if p.name not in names)
+            if other:
+                raise ValueError(
+                    f"{parts_root} holds the partial extraction of another number of ranks "
+                    f"({other[:2]}); resume it with that many ranks, or delete {parts_root} "
+                    "to start this split again"
+                )
+        share = indices[dist.rank_slice(len(indices))]
+        _extract_split(
+            tap, dataset, share, parts_root / names[rank], {**provenance, "rank": f"{rank}/{world}"},
+            config, m, device, progress and rank == 0, f"{desc} rank 0/{world}",
+        )  # fmt: skip
+    dist.barrier()
+    if rank == 0:
+        parts = [parts_root / n for n in names]
+        skipped: list[Any] = []
+        if not plan.exists():
+            for part in parts:
+                skipped += ShardedFeatureStore(part).attributes.get("skipped", [])
+        merge_stores(
+            parts,
+            path,
+            attributes={
+                "provenance": provenance,
+                "images_done": len(indices),
+                "skipped": skipped,
+                "finished": True,
+            },
+        )
+        shutil.rmtree(parts_root, ignore_errors=True)
+    dist.barrier()
+    return ShardedFeatureStore(path)
+
+
 def extract_features(
     backbone: nn.Module,
     dataset: IndexedImages,
@@ -357,18 +436,26 @@ def extract_features(
     ``describe``: how the dataset is named in the provenance (e.g. ``"imagefolder:/data/train"``).
     Running it again on a finished set returns it; on a set from another model, layer, dataset
     or setting it raises instead of mixing rows.
+
+    Under ``torchrun`` (a process group of several ranks; call it on every rank with the same
+    arguments and an ``out_dir`` all ranks share) each rank extracts a contiguous share of the
+    images and rank 0 merges the shares: the result has the same vectors in the same order as
+    one process. An interrupted run resumes per rank with the same number of ranks.
+    ``device="cuda"`` then means ``cuda:LOCAL_RANK``; nothing goes to CUDA unless asked.
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     tap = _Tap(backbone, config.layer)
     if device is not None:
+        device = dist.resolve_device(device)
         tap.model.to(device)
     labels = dataset.targets
     train_idx, held_idx = heldout_split(labels, config.heldout_per_class, config.seed)
     # Shape of the layer output (one probe image) for M and the channel count.
     probe = next(i for i in range(len(dataset)) if dataset[i][0] is not None)
     x0 = dataset[probe][0][None]
-    _, rows0, _ = position_weights(tap, x0.to(device) if device is not None else x0, config.layer)
+    x0 = x0.to(device) if device is not None else x0
+    _, rows0, _ = position_weights(tap, x0, config.layer, autocast_bf16=config.autocast_bf16)
     positions, channels = int(rows0.shape[1]), int(rows0.shape[2])
     itemsize = getattr(torch, config.dtype).itemsize
     m = config.samples_per_image or samples_per_image(
@@ -378,8 +465,10 @@ def extract_features(
     prov = _provenance(backbone, config, m, dataset, describe)
     prov.update(channels=channels, positions=positions)
     split_info = {"train": len(train_idx), "heldout": held_idx, "provenance": prov}
-    atomic_write_json(root / "split.json", split_info)
-    train = _extract_split(
+    if dist.rank() == 0:
+        atomic_write_json(root / "split.json", split_info)
+    extract = _extract_split_sharded if dist.is_distributed() else _extract_split
+    train = extract(
         tap,
         dataset,
         train_idx,
@@ -393,7 +482,7 @@ def extract_features(
     )
     held = None
     if held_idx:
-        held = _extract_split(
+        held = extract(
             tap,
             dataset,
             held_idx,

@@ -28,6 +28,7 @@ from fact_model.features import FeatureConfig, extract_features
 from fact_model.model import FaCT
 from fact_model.training import describe_runs, train_layer
 from topk_sae import TrainConfig
+from topk_sae import distributed as dist
 
 __all__ = ["PAPER_SAE_CONFIGS", "SweepGrid", "paper_grid", "train_fact"]
 
@@ -97,9 +98,15 @@ def train_fact(
     device: Any = None,
     progress: bool = True,
 ) -> tuple[FaCT, dict[str, Any]]:
-    """Train and select one SAE per layer, assemble, evaluate on the held-out images, save."""
+    """Train and select one SAE per layer, assemble, evaluate on the held-out images, save.
+
+    Runs under ``torchrun`` as well (every rank calls it with the same arguments): extraction,
+    SAE training and evaluation are then split across the ranks, and rank 0 writes.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if device is not None:
+        device = dist.resolve_device(device)  # "cuda" under torchrun: this rank's GPU
     saes, report = {}, {"layers": {}, "dataset": dataset_name}
     heldout: list[int] = []
     for layer in layers:
@@ -147,6 +154,8 @@ def train_fact(
         "training_data": dataset_name or "not recorded",
         "selected": {layer: report["layers"][layer]["selected"][0] for layer in layers},
     }
-    model.save_pretrained(out / "model", metadata=metadata)
-    atomic_write_json(out / "train_report.json", report, default=str)
+    if dist.rank() == 0:  # under torchrun every rank computed the same model and report
+        model.save_pretrained(out / "model", metadata=metadata)
+        atomic_write_json(out / "train_report.json", report, default=str)
+    dist.barrier()
     return model, report

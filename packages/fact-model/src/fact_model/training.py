@@ -28,6 +28,7 @@ from fact_model.features import FeatureSet
 from fact_model.model import FaCT
 from fact_model.splice import layout_of
 from topk_sae import BiasFreeTopKSAE, RunResult, SweepResult, TrainConfig
+from topk_sae import distributed as dist
 from topk_sae.sweep import sweep
 
 __all__ = ["HeldoutScorer", "LayerTraining", "train_layer"]
@@ -42,6 +43,9 @@ class HeldoutScorer:
         dataset, indices: the held-out images.
         cache_bytes: keep the layer outputs of the held-out images in memory up to this size
             (otherwise they are recomputed for every SAE).
+
+    Under ``torchrun`` each rank scores a contiguous share of the images and the hits are
+    summed, so every rank gets the accuracy of the whole held-out set.
     """
 
     def __init__(
@@ -62,7 +66,10 @@ class HeldoutScorer:
         self.layer = layer
         self.chain = ForwardChain(self.backbone)
         self.chain.index(layer)
-        self.loader = image_loader(dataset, batch_size=batch_size, indices=list(indices))
+        indices = list(indices)
+        if dist.is_distributed():
+            indices = indices[dist.rank_slice(len(indices))]
+        self.loader = image_loader(dataset, batch_size=batch_size, indices=indices)
         self.device = device
         self.progress = progress
         self.cache: list[tuple[Tensor, Tensor]] | None = []
@@ -101,6 +108,8 @@ class HeldoutScorer:
             logits = self.chain.tail(self.layer, f)
             hits += int((logits.argmax(1).cpu() == labels).sum())
             n += len(labels)
+        if dist.is_distributed():
+            hits, n = (int(v) for v in dist.all_reduce_sum(torch.tensor([hits, n])).tolist())
         if n == 0:
             raise ValueError("no held-out image could be scored")
         return hits / n

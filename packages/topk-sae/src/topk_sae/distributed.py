@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "all_gather_object",
+    "all_reduce_max",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -28,6 +30,7 @@ __all__ = [
     "rank",
     "rank_slice",
     "resolve_device",
+    "shutdown",
     "world_size",
 ]
 
@@ -97,10 +100,41 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
     return is_distributed()
 
 
+def shutdown() -> None:
+    """Leave the process group (at the end of a torchrun script; a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_distributed():
         dist.barrier()
+
+
+def _reduce(t: Tensor, op: Any) -> Tensor:
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":  # NCCL reduces GPU tensors only
+        out = t.to(torch.device("cuda", torch.cuda.current_device()), copy=True)
+        dist.all_reduce(out, op=op)
+        return out.to(t.device)
+    out = t.clone()
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Elementwise maximum of ``t`` over ranks (``t`` itself in one process)."""
+    return _reduce(t, dist.ReduceOp.MAX) if is_distributed() else t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process); for
+    small picklable records of our own making (skip logs, top-k tables), never user data."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -109,15 +143,7 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     gloo and NCCL both reduce float64 and int64, so counters and float64 accumulators keep
     their precision.
     """
-    if not is_distributed():
-        return t
-    if dist.get_backend() == "nccl" and t.device.type != "cuda":  # NCCL reduces GPU tensors only
-        out = t.to(torch.device("cuda", torch.cuda.current_device()), copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.to(t.device)
-    out = t.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _reduce(t, dist.ReduceOp.SUM) if is_distributed() else t
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

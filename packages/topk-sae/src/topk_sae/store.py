@@ -19,7 +19,6 @@ independent of the size of the store.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import os
@@ -672,8 +671,11 @@ def _positive(name: str, value: Any) -> int:
 class StoreSource:
     """Shuffled float32 batches from a ``ShardedFeatureStore`` (the ``BatchSource`` protocol).
 
-    Each shard is cut into blocks of ``block_rows`` contiguous rows. Epoch ``e`` visits the blocks
-    of the whole store in a random order drawn from ``(seed, e)`` and groups consecutive blocks
+    The store's rows are cut into blocks of ``block_rows`` contiguous rows (global row ranges: a
+    block may span two shards, so the order does not depend on where the shards end -- a store
+    merged from the parts of a distributed extraction serves the batches of the single-process
+    store). Epoch ``e`` visits the blocks in a random order drawn from ``(seed, e)`` and groups
+    consecutive blocks
     into windows of at most ``shuffle_buffer_rows`` rows; a window (rows from several random
     places in several shards) is loaded, permuted with a generator seeded by ``(seed, e, window)``,
     and cut into batches that run on into the next window. The order is therefore a pure
@@ -692,7 +694,7 @@ class StoreSource:
         shuffle: ``False`` reads the store in order (for evaluation).
         shuffle_buffer_rows: rows in one window (the shuffle buffer).
         block_rows: rows per contiguous read; ``None``: ``shuffle_buffer_rows // 16`` (at least
-            16 blocks per window), at most the largest shard.
+            16 blocks per window), at most the number of rows.
         drop_last: drop the epoch's last batch when it is shorter than ``batch_size``.
         prefetch: read the next window in a background thread while the current one is
             consumed (overlaps disk reads with training; doubles the window memory).
@@ -719,9 +721,8 @@ class StoreSource:
         self.seed = seed
         self.shuffle = bool(shuffle)
         self.shuffle_buffer_rows = _positive("shuffle_buffer_rows", shuffle_buffer_rows)
-        largest = max(s.num_rows for s in store.shards)
         if block_rows is None:
-            block_rows = max(1, min(largest, self.shuffle_buffer_rows // 16))
+            block_rows = max(1, min(store.num_rows, self.shuffle_buffer_rows // 16))
         self.block_rows = min(_positive("block_rows", block_rows), self.shuffle_buffer_rows)
         self.drop_last = bool(drop_last)
         if self.drop_last and store.num_rows < self.batch_size:
@@ -732,16 +733,9 @@ class StoreSource:
         self.prefetch = bool(prefetch)
         self.d_in = store.d_in
         self.num_rows = store.num_rows
-        # Blocks as parallel arrays (shard index, local start, local stop): tiny next to the data.
-        shard_idx, lo, hi = [], [], []
-        for i, info in enumerate(store.shards):
-            for b in range(0, info.num_rows, self.block_rows):
-                shard_idx.append(i)
-                lo.append(b)
-                hi.append(min(b + self.block_rows, info.num_rows))
-        self._block_shard = np.asarray(shard_idx, dtype=np.int64)
-        self._block_lo = np.asarray(lo, dtype=np.int64)
-        self._block_hi = np.asarray(hi, dtype=np.int64)
+        # Blocks as global row ranges [lo, hi): tiny next to the data.
+        self._block_lo = np.arange(0, self.num_rows, self.block_rows, dtype=np.int64)
+        self._block_hi = np.minimum(self._block_lo + self.block_rows, self.num_rows)
         self._blocks_per_window = max(1, self.shuffle_buffer_rows // self.block_rows)
         self._epoch = 0
         self._position = 0
@@ -772,12 +766,19 @@ class StoreSource:
     def _load_window(self, blocks: np.ndarray, buffer: Tensor) -> int:
         """Read ``blocks`` into the front of ``buffer``; return the number of rows read."""
         pos = 0
+        starts = self.store._starts
         for b in blocks:
             lo, hi = int(self._block_lo[b]), int(self._block_hi[b])
-            self.store.read_shard_rows_into(
-                int(self._block_shard[b]), lo, hi, buffer[pos : pos + hi - lo]
-            )
-            pos += hi - lo
+            shard = bisect.bisect_right(starts, lo) - 1
+            while lo < hi:  # the pieces of the block in consecutive shards
+                info = self.store.shards[shard]
+                stop = min(hi, info.start + info.num_rows)
+                self.store.read_shard_rows_into(
+                    shard, lo - info.start, stop - info.start, buffer[pos : pos + stop - lo]
+                )
+                pos += stop - lo
+                lo = stop
+                shard += 1
         return pos
 
     def _windows(
@@ -860,9 +861,6 @@ class StoreSource:
             "block_rows": self.block_rows,
             "drop_last": self.drop_last,
             "num_rows": self.num_rows,
-            "shards_digest": hashlib.sha1(
-                ",".join(str(s.num_rows) for s in self.store.shards).encode()
-            ).hexdigest(),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -80,6 +80,7 @@ def main() -> None:
     }
     (out / f"result-rank{r}.json").write_text(json.dumps(summary))
     dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":
