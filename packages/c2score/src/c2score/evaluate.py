@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from c2score import _distributed as _dist
 from c2score.baseline import RandomBaselineConfig, random_attribution
 from c2score.consistency import ConsistencyAccumulator
 from c2score.features.base import PixelFeatureExtractor
@@ -354,6 +355,12 @@ def evaluate_c2(
     switches to the per-group baseline of the authors' class-specific protocol: one random
     concept per group and seed, over that group's images (centred by the global mean), averaged
     over the groups.
+
+    Under ``torchrun`` (a ``torch.distributed`` process group of several ranks, every rank
+    calling ``evaluate_c2`` with the same inputs) rank r streams the r-th contiguous share of
+    the images, with its own checkpoints in ``work_dir/rank-r-of-W``; the centring mean, the
+    per-concept sums of Eq. 15 and the skip counts are then summed over the ranks, so every
+    rank returns the single-process result (to float64 summation order).
     """
     if not isinstance(activations, (ActivationTable, torch.Tensor)):
         activations = load_activation_table(activations)
@@ -383,20 +390,47 @@ def evaluate_c2(
     group_N, n_groups = _groups(baseline_groups, table.n_images)
     source = _as_attribution_source(attributions, selection)
     dim = int(extractor.dim)
+    rank, world = _dist.rank_and_world()
     wdir = Path(work_dir) if work_dir is not None else None
+    if wdir is not None and world > 1:
+        wdir = wdir / f"rank-{rank:05d}-of-{world:05d}"
     cache = Path(lowres_cache) if lowres_cache is not None else None
     for d in (wdir, cache):
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
     if cache is not None:
-        _check_cache_owner(cache, extractor)
+        if rank == 0:
+            _check_cache_owner(cache, extractor)
+        _dist.barrier()  # rank 0 has claimed the cache before the others check it
+        if rank != 0:
+            _check_cache_owner(cache, extractor)
     fingerprint = _fingerprint(selection, dim, config, group_N)
     state = _Pass.resume(wdir, dim, fingerprint) if wdir is not None else _Pass(dim, fingerprint)
+    lo, hi = _dist.share(table.n_images)
+    state.next_image = max(state.next_image, lo)
 
     _stream(
-        images, table.n_images, selection, source, extractor, config, state, wdir, cache, group_N
-    )
+        images, table.n_images, selection, source, extractor, config, state, wdir, cache, group_N,
+        stop=hi,
+    )  # fmt: skip
+    if world > 1:
+        _sum_over_ranks(state)
     return _finalise(selection, state, wdir, dim, config, n_groups)
+
+
+def _sum_over_ranks(state: _Pass) -> None:
+    """Replace this rank's centring sum and skip records by those of all ranks."""
+    state.feat_sum_D = _dist.all_reduce_sum(state.feat_sum_D)
+    state.n_feat = int(_dist.all_reduce_sum(torch.tensor(state.n_feat)))
+    image_skips, pair_skips, examples = Counter(), Counter(), {}
+    for img, pair, ex in _dist.gather(
+        (dict(state.image_skips), dict(state.pair_skips), state.skipped_examples)
+    ):
+        image_skips.update(img)
+        pair_skips.update(pair)
+        for reason, text in ex.items():
+            examples.setdefault(reason, text)
+    state.image_skips, state.pair_skips, state.skipped_examples = image_skips, pair_skips, examples
 
 
 def _groups(labels: torch.Tensor | Sequence[int] | None, n_images: int) -> tuple[torch.Tensor, int]:
@@ -433,13 +467,20 @@ def _stream(
     wdir: Path | None,
     cache: Path | None,
     group_N: torch.Tensor,
+    stop: int | None = None,
 ) -> None:
+    """Stream images ``state.next_image`` .. ``stop - 1`` (default: all) through the pass."""
+    stop = n_images if stop is None else stop
     device = torch.device(config.device)
     min_side = _min_side(extractor)
     dim = int(extractor.dim)
     n_slots = len(selection.concept_ids)
+    first = _dist.share(n_images)[0]
     bar = tqdm(
-        total=n_images, initial=state.next_image, desc="c2score", disable=not config.progress
+        total=stop - first,
+        initial=state.next_image - first,
+        desc="c2score",
+        disable=not config.progress or _dist.rank_and_world()[0] != 0,
     )
     batch: list[tuple[int, torch.Tensor]] = []
     since_checkpoint = 0
@@ -474,8 +515,9 @@ def _stream(
 
     try:
         last = _loop(
-            images, n_images, selection.bad_images, state, batch, config, min_side, run_batch, bar
-        )
+            images, n_images, selection.bad_images, state, batch, config, min_side, run_batch, bar,
+            stop,
+        )  # fmt: skip
     except BaseException:
         bar.close()
         if wdir is not None:  # save what is complete before the error surfaces
@@ -484,7 +526,7 @@ def _stream(
     state.next_image = max(state.next_image, last + 1)
     state.flush(wdir)
     bar.close()
-    if state.next_image < n_images:
+    if state.next_image < stop:
         raise ValueError(
             f"only {state.next_image} images for the {n_images} rows of the activation table "
             "(progress saved)"
@@ -501,12 +543,15 @@ def _loop(
     min_side: int,
     run_batch: Callable[[], None],
     bar: tqdm,
+    stop: int | None = None,
 ) -> int:
-    """Feed images into batches; returns the index of the last image seen."""
+    """Feed images (up to ``stop``, exclusive) into batches; returns the last index seen."""
     bad_rows = torch.zeros(n_images + 1, dtype=torch.bool)
     bad_rows[bad_images] = True
     last = state.next_image - 1
     for i, item in _indexed_images(images, state.next_image):
+        if stop is not None and stop < n_images and i >= stop:
+            break  # the next rank's share
         if i >= n_images:
             run_batch()
             raise ValueError(
@@ -621,9 +666,15 @@ def _finalise(
     mu_D = state.feat_sum_D / state.n_feat
     acc = ConsistencyAccumulator(n_slots + n_groups * len(seeds), dim)
     pair_skips = Counter(state.pair_skips)
+    zero_centred = 0
     for shard in state.shards(wdir):
         used = acc.add_embeddings(shard["slot"], shard["emb"], shard["weight"], centre_D=mu_D)
-        pair_skips["zero_centred_embedding"] += int((~used).sum())
+        zero_centred += int((~used).sum())
+    if _dist.rank_and_world()[1] > 1:  # this rank folded its own embeddings: sum the folds
+        for name in ("sum_wu_CD", "sum_w_C", "sum_w2_C", "count_C"):
+            setattr(acc, name, _dist.all_reduce_sum(getattr(acc, name)))
+        zero_centred = int(_dist.all_reduce_sum(torch.tensor(zero_centred)))
+    pair_skips["zero_centred_embedding"] += zero_centred
 
     cons = acc.consistency()
     counts = acc.count_C
