@@ -5,6 +5,11 @@ concepts are deleted in order of decreasing importance and the target (top-1) lo
 accuracy over all images are followed. Each class's result is written atomically to
 ``<out_dir>/classes/<class>.json`` as soon as it is done, so an interrupted run resumes where it
 stopped; the merged curves go to ``<out_dir>/deletion.json`` and CSVs.
+
+Under ``torchrun`` (a ``torch.distributed`` process group of several ranks, all calling
+:func:`paper_protocol` with the same arguments and an ``out_dir`` they share) rank r computes
+the r-th contiguous share of the classes; after a barrier every rank merges all class files in
+class order, so every rank returns the single-process curves and rank 0 writes the merged files.
 """
 
 from __future__ import annotations
@@ -181,6 +186,22 @@ def always_on_concepts(codes: Tensor, layout: Layout | str, min_fraction: float 
     return torch.nonzero(frac >= min_fraction - 1e-12).flatten()
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group of > 1 ranks, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def _dataset_labels(dataset: Any) -> list[int]:
     for attr in ("targets", "labels"):
         if hasattr(dataset, attr):
@@ -322,16 +343,31 @@ def paper_protocol(
         }
     )
     meta_path = out / "protocol.json"
+    rank, world = _rank_and_world()
     if meta_path.exists():
         if read_json(meta_path) != json.loads(json.dumps(meta)):
             raise ValueError(
                 f"{meta_path} was written with other settings or another dataset; use a new "
                 "out_dir or delete the old results"
             )
-    else:
+    elif rank == 0:
         write_atomic(meta_path, json.dumps(meta, indent=1))
+    items = list(selection.items())
+    if world > 1:  # compute this rank's share of the classes, then merge every class file
+        base, extra = divmod(len(items), world)
+        lo = rank * base + min(rank, extra)
+        mine = items[lo : lo + base + (1 if rank < extra else 0)]
+        for cls, indices in tqdm(mine, desc="classes", disable=not progress or rank != 0):
+            path = out / "classes" / f"{cls}.json"
+            if not path.exists():
+                _compute_class(
+                    cls, indices, path, dataset, model, labels_list, layout, config,
+                    contributions, protected, device,
+                )  # fmt: skip
+        _barrier()
+        progress = False
     merged: dict[tuple[str, str], CurveResult] = {}
-    for cls, indices in tqdm(selection.items(), desc="classes", disable=not progress):
+    for cls, indices in tqdm(items, desc="classes", disable=not progress):
         path = out / "classes" / f"{cls}.json"
         if path.exists():
             try:
@@ -342,15 +378,38 @@ def paper_protocol(
                     "it and rerun to recompute that class"
                 ) from err
         else:
-            images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
-            if device is not None:
-                images = images.to(device)
-            y = torch.as_tensor([labels_list[i] for i in indices], device=images.device)
-            curves = _run_class(cls, model, images, y, layout, config, contributions, protected)
-            write_atomic(path, curves_to_json(curves))
+            curves = _compute_class(
+                cls, indices, path, dataset, model, labels_list, layout, config, contributions,
+                protected, device,
+            )  # fmt: skip
         for c in curves:
             key = (c.measure, c.mode)
             merged[key] = merged[key].merge(c) if key in merged else c
     result = list(merged.values())
-    save_curves(result, out)
+    if rank == 0:
+        save_curves(result, out)
+    _barrier()
     return result
+
+
+def _compute_class(
+    cls: int,
+    indices: list[int],
+    path: Path,
+    dataset: Any,
+    model: ConceptModel,
+    labels_list: list[int],
+    layout: Layout,
+    config: ProtocolConfig,
+    contributions: Callable[[Tensor, Tensor], Tensor] | None,
+    protected: Tensor | None,
+    device: torch.device | str | None,
+) -> list[CurveResult]:
+    """Curves of one class, written atomically to ``path``."""
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
+    if device is not None:
+        images = images.to(device)
+    y = torch.as_tensor([labels_list[i] for i in indices], device=images.device)
+    curves = _run_class(cls, model, images, y, layout, config, contributions, protected)
+    write_atomic(path, curves_to_json(curves))
+    return curves
