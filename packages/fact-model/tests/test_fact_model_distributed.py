@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fact_model_helpers import calibrate, images
+from fact_model_helpers import calibrate, fact, images
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -23,6 +23,7 @@ from fact_model.cli import main
 from topk_sae import ShardedFeatureStore
 
 WORKER = Path(__file__).parent / "distributed" / "extract_worker.py"
+ANALYSIS = Path(__file__).parent / "distributed" / "analysis_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
@@ -123,6 +124,34 @@ def test_fact_train_under_torchrun_selects_like_one_process(
         assert wa.keys() == wb.keys()
         for key in wa:
             torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_c2_and_deletion_under_torchrun_equal_one_process(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    # The deletion protocol needs readable images: a copy of the folder without the broken one.
+    imgs = tmp_path / "img"
+    shutil.copytree(setup[1], imgs, ignore=shutil.ignore_patterns("broken.png"))
+    fact("resnet", ("layer3",)).save_pretrained(tmp_path / "model")
+    base = [str(ANALYSIS), "--model", str(tmp_path / "model"), "--images", str(imgs)]
+    launch([sys.executable, *base, "--out", str(tmp_path / "one")])
+    launch([*TORCHRUN, *base, "--out", str(tmp_path / "two")])
+    a = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert a["stats"]["n_images"] == 21 and a["stats"]["skipped"]["skipped"] == 0
+    assert len(a["c2"]["consistency"]) > 3 and a["c2"]["used"] == 21
+    assert any(v is not None for v in a["stats"]["extent"])
+    for rank in (0, 1):
+        b = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())
+        assert b["stats"]["top_ids"] == a["stats"]["top_ids"]
+        assert b["stats"]["skipped"] == a["stats"]["skipped"]
+        for key in ("frequency", "entropy", "extent", "top_values"):
+            assert b["stats"][key] == pytest.approx(a["stats"][key], rel=1e-5, abs=1e-7), key
+        assert b["c2"]["ids"] == a["c2"]["ids"] and b["c2"]["used"] == a["c2"]["used"]
+        assert b["c2"]["c2"] == pytest.approx(a["c2"]["c2"], rel=1e-5, abs=1e-7)
+        assert b["c2"]["consistency"] == pytest.approx(a["c2"]["consistency"], rel=1e-5, abs=1e-7)
+        assert b["deletion"] == pytest.approx(a["deletion"], rel=1e-5, abs=1e-7)
 
 
 def test_commands_that_do_not_split_refuse_torchrun(

@@ -23,6 +23,7 @@ import c2score
 import concept_deletion
 from fact_model.concepts import LayerConcepts
 from fact_model.data import IndexedImages, SkipLog, image_loader, iterate
+from topk_sae import distributed as dist
 
 __all__ = ["AttributionMaps", "ModelImages", "c2_inputs", "c2_score", "deletion"]
 
@@ -82,8 +83,14 @@ def c2_inputs(
 
     The table holds the positive presences only (C2 selects images with presence > 0). Images
     that cannot be read are left out of every output (they get no row).
+
+    Under ``torchrun`` each rank computes the presences of a contiguous share of the images and
+    the shares are gathered in rank order: every rank gets the table of one process.
     """
     indices = list(range(len(dataset))) if indices is None else list(indices)
+    everything = indices
+    if dist.is_distributed():
+        indices = indices[dist.rank_slice(len(indices))]
     rows, cols, vals, labels, kept = [], [], [], [], []
     log = SkipLog()
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)
@@ -91,7 +98,7 @@ def c2_inputs(
         iterate(loader, log),
         total=len(loader),
         desc=f"presence {concepts.name}",
-        disable=not progress,
+        disable=not progress or dist.rank() != 0,
     ):
         x = batch.images.to(device) if device is not None else batch.images
         p = concepts.presence(x).cpu()
@@ -101,6 +108,8 @@ def c2_inputs(
         vals.append(p[r, c])
         kept += batch.indices.tolist()
         labels.append(batch.labels)
+    if dist.is_distributed() and len(indices) != len(everything):
+        rows, cols, vals, labels, kept, log = _gather_shares(rows, cols, vals, labels, kept, log)
     if log.total:
         import warnings
 
@@ -118,6 +127,33 @@ def c2_inputs(
         AttributionMaps(concepts, dataset, kept, device),
         torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
     )
+
+
+def _gather_shares(
+    rows: list[Tensor],
+    cols: list[Tensor],
+    vals: list[Tensor],
+    labels: list[Tensor],
+    kept: list[int],
+    log: SkipLog,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int], SkipLog]:
+    """Concatenate every rank's sparse presences in rank order (row numbers shifted)."""
+
+    def cat(ts: list[Tensor], dtype: torch.dtype) -> Tensor:
+        return torch.cat(ts) if ts else torch.empty(0, dtype=dtype)
+
+    mine = (
+        cat(rows, torch.long), cat(cols, torch.long), cat(vals, torch.float32),
+        cat(labels, torch.long), kept,
+    )  # fmt: skip
+    out_r, out_c, out_v, out_l, out_k = [], [], [], [], []
+    for r, c, v, lab, k in dist.all_gather_object(mine):
+        out_r.append(r + len(out_k))
+        out_c.append(c)
+        out_v.append(v)
+        out_l.append(lab)
+        out_k += k
+    return out_r, out_c, out_v, out_l, out_k, log.gathered()
 
 
 def c2_score(

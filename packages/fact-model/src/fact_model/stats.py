@@ -15,6 +15,11 @@ Per concept of a :class:`~fact_model.concepts.LayerConcepts`:
 
 Ties in the top-k tables are broken by the smaller image index, so the result equals a
 brute-force sort of the full table.
+
+Under ``torchrun`` (every rank calling :func:`concept_statistics`) each rank streams a
+contiguous share of the images; counts and label masses are summed, the per-rank top-k tables
+merged (the same tie rule, so the merge equals the single table), and the spatial-extent pass
+is split over the (image, concepts) pairs: every rank returns the statistics of all images.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 
 from fact_model.concepts import LayerConcepts
 from fact_model.data import IndexedImages, SkipLog, image_loader, iterate
+from topk_sae import distributed as dist
 
 __all__ = ["ConceptStats", "TopK", "concept_statistics", "pixels_to_cover", "spatial_extent"]
 
@@ -45,9 +51,10 @@ class TopK:
         self.k = k
 
     def update(self, values_RB: Tensor, ids_B: Tensor) -> None:
-        """Merge candidates ``values_RB[r, b]`` for image ``ids_B[b]`` (only values > 0 count)."""
+        """Merge candidates ``values_RB[r, b]`` for image ``ids_B[b]`` (only values > 0 count);
+        ``ids`` may also be per row, ``(R, B)`` (e.g. another table's ids)."""
         v = values_RB.double().where(values_RB > 0, torch.tensor(-math.inf, dtype=torch.float64))
-        ids = ids_B.long()[None].expand(v.shape[0], -1)
+        ids = ids_B.long() if ids_B.ndim == 2 else ids_B.long()[None].expand(v.shape[0], -1)
         vals = torch.cat([self.values, v], 1)
         idx = torch.cat([self.ids, ids], 1)
         idx = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
@@ -205,9 +212,11 @@ def spatial_extent(
                 pairs.setdefault(i, []).append(c)
     total = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
-    for image, cs in tqdm(
-        sorted(pairs.items()), desc=f"extent {concepts.name}", disable=not progress
-    ):
+    todo = sorted(pairs.items())
+    if dist.is_distributed():  # every rank holds the same table: split its images
+        todo = todo[dist.rank_slice(len(todo))]
+        progress = progress and dist.rank() == 0
+    for image, cs in tqdm(todo, desc=f"extent {concepts.name}", disable=not progress):
         x, _, _ = dataset[image]
         if x is None:
             continue
@@ -218,6 +227,7 @@ def spatial_extent(
         ok = torch.isfinite(px)
         total.index_add_(0, ids[ok], px[ok])
         count.index_add_(0, ids[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+    total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
@@ -247,9 +257,13 @@ def concept_statistics(
     mass = torch.zeros(n, n_classes, dtype=torch.float64)
     seen = 0
     log = SkipLog()
+    if dist.is_distributed():
+        everything = list(range(len(dataset))) if indices is None else list(indices)
+        indices = everything[dist.rank_slice(len(everything))]
+    show = progress and dist.rank() == 0
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)
     for batch in tqdm(
-        iterate(loader, log), total=len(loader), desc=f"stats {concepts.name}", disable=not progress
+        iterate(loader, log), total=len(loader), desc=f"stats {concepts.name}", disable=not show
     ):
         x = batch.images.to(device) if device is not None else batch.images
         p = concepts.presence(x).detach().cpu().double()  # (B, n)
@@ -258,6 +272,14 @@ def concept_statistics(
         mass.index_add_(1, batch.labels, pos.T)
         top.update(p.T, batch.indices)
         seen += p.shape[0]
+    if dist.is_distributed():
+        fires, mass = dist.all_reduce_sum(fires), dist.all_reduce_sum(mass)
+        seen = int(dist.all_reduce_sum(torch.tensor(seen)))
+        merged = TopK(n, top_k)
+        for values, ids in dist.all_gather_object((top.values, top.ids)):
+            merged.update(values, ids)
+        top = merged
+        log = log.gathered()
     if seen == 0:
         raise ValueError(f"no image could be read ({log})")
     total = mass.sum(1)
