@@ -91,3 +91,27 @@ def test_compare_refuses_bad_requests(world_model: Path, tmp_path: Path, capsys)
                  "--methods", "fact", "--extractor", "oracle", "--out", str(tmp_path),
                  "--no-progress", "--layer", "layer9"]) == 1  # fmt: skip
     assert "layer9" in capsys.readouterr().err
+
+
+def test_compare_c2_with_crp_on_a_torchvision_network(world_model: Path, tmp_path: Path) -> None:
+    """CRP's network takes normalised RGB; the C2 extractor must still see the [0, 1] pixels."""
+    pytest.importorskip("crp")
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model("resnet18", num_classes=12).eval()
+    weights = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    out = tmp_path / "c2"
+    code = main(["compare", "c2", str(world_model), "--dataset", "world:test:24",
+                 "--methods", "fact", "crp", "--crp-model", "resnet18", "--crp-weights",
+                 str(weights), "--crp-layer", "layer4", "--out", str(out), "--no-progress",
+                 "--batch-size", "12"])  # fmt: skip
+    assert code == 0
+    table = json.loads((out / "c2.json").read_text())
+    assert set(table["methods"]) == {"fact", "crp"}
+    crp = table["methods"]["crp"]
+    assert crp["n_concepts"] == 512 and crp["n_scored"] > 0
+    assert crp["c2"] is not None and -1.0 <= crp["c2"] <= 1.0
+    assert 0.0 <= crp["groundtruth"]["fraction_recovered"] <= 1.0

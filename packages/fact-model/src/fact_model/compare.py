@@ -132,7 +132,7 @@ def compare_c2(
         data = crp_dataset if (name == "crp" and crp_dataset is not None) else dataset
         res = c2_score(
             concepts, data, extractor, indices=idx, config=c2score.EvalConfig(progress=progress),
-            batch_size=batch_size, device=device,
+            batch_size=batch_size, device=device, pixels=dataset,
         )  # fmt: skip
         row: dict[str, Any] = {
             "name": getattr(concepts, "name", name),

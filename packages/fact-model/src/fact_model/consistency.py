@@ -78,8 +78,14 @@ def c2_inputs(
     batch_size: int = 64,
     device: Any = None,
     progress: bool = True,
+    pixels: IndexedImages | None = None,
 ) -> tuple[ModelImages, c2score.ActivationTable, AttributionMaps, Tensor]:
     """(images, activation table, attribution source, labels) for :func:`c2score.evaluate_c2`.
+
+    ``pixels``: the dataset whose first three channels, in [0, 1], are the images the feature
+    extractor sees (default ``dataset``: the RGB half of a B-cos input). A concept method whose
+    network takes other inputs (CRP's normalised RGB) passes its own ``dataset`` and the B-cos
+    one here, so both are scored on the same pixels.
 
     The table holds the positive presences only (C2 selects images with presence > 0). Images
     that cannot be read are left out of every output (they get no row).
@@ -120,7 +126,7 @@ def c2_inputs(
         torch.cat(vals) if vals else torch.empty(0),
         (len(kept), concepts.n_concepts),
     )
-    images = ModelImages(dataset, kept)
+    images = ModelImages(dataset if pixels is None else pixels, kept)
     return (
         images,
         table,
@@ -167,6 +173,7 @@ def c2_score(
     batch_size: int = 64,
     device: Any = None,
     per_class_baseline: bool = False,
+    pixels: IndexedImages | None = None,
 ) -> c2score.C2Result:
     """C2-score of a concept set on ``dataset`` with a ``c2score`` feature extractor.
 
@@ -176,8 +183,9 @@ def c2_score(
     """
     progress = True if config is None else config.progress
     images, table, source, labels = c2_inputs(
-        concepts, dataset, indices=indices, batch_size=batch_size, device=device, progress=progress
-    )
+        concepts, dataset, indices=indices, batch_size=batch_size, device=device,
+        progress=progress, pixels=pixels,
+    )  # fmt: skip
     return c2score.evaluate_c2(
         images,
         table,
