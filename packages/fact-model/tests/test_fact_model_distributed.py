@@ -115,6 +115,20 @@ def test_fact_train_under_torchrun_selects_like_one_process(
         assert x["explained_variance"] == pytest.approx(y["explained_variance"], abs=1e-5)
     assert ra["heldout_evaluation"]["n_images"] == rb["heldout_evaluation"]["n_images"] == 6
     assert ra["heldout_evaluation"]["bcos"] == rb["heldout_evaluation"]["bcos"]
+    # fact stats under torchrun writes the single-process statistics (rank 0 alone writes)
+    stats = ["stats", str(tmp_path / "one" / "model"), "--dataset", f"imagefolder:{imgs}",
+             "--no-progress", "--batch-size", "4", "--top-k", "3", "--extent-images", "1"]  # fmt: skip
+    assert main([*stats, "--out", str(tmp_path / "st1")]) == 0
+    launch([*TORCHRUN, "-m", "fact_model.cli", *stats, "--out", str(tmp_path / "st2")])
+    sa = json.loads((tmp_path / "st1" / "stats_layer3.json").read_text())
+    sb = json.loads((tmp_path / "st2" / "stats_layer3.json").read_text())
+    assert sa.keys() == sb.keys() and sa["n_images"] == sb["n_images"] == 21
+    for key, value in sa.items():
+        assert sb[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value)
+    ta = load_file(tmp_path / "st1" / "stats_layer3.safetensors")
+    tb = load_file(tmp_path / "st2" / "stats_layer3.safetensors")
+    assert torch.equal(ta["top_images"], tb["top_images"])
+    torch.testing.assert_close(tb["frequency"], ta["frequency"])
     files = sorted(
         p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "model").rglob("*.safetensors")
     )

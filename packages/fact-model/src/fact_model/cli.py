@@ -205,7 +205,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     out = res.to_dict()
-    if args.json:
+    if args.json and _is_main():
         from fact_model._atomic import atomic_write_json
 
         atomic_write_json(args.json, out)
@@ -296,7 +296,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
             top_k=args.top_k, extent_images=args.extent_images, batch_size=args.batch_size,
             device=args.device, progress=not args.no_progress,
         )  # fmt: skip
-        st.save(out / f"stats_{layer}.safetensors")
         summary = {
             **st.summary(),
             "layer": layer,
@@ -304,9 +303,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "n_images": st.n_images,
             "skipped": st.skipped,
         }
-        atomic_write_json(out / f"stats_{layer}.json", summary)
+        if _is_main():  # under torchrun every rank holds the same statistics
+            st.save(out / f"stats_{layer}.safetensors")
+            atomic_write_json(out / f"stats_{layer}.json", summary)
         _print_json(summary)
     return 0
+
+
+def _is_main() -> bool:
+    from topk_sae import distributed as dist
+
+    return dist.rank() == 0
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
@@ -577,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_DISTRIBUTED = ("features", "train", "evaluate")
+_DISTRIBUTED = ("features", "train", "evaluate", "stats")
 """Commands that split their work across the ranks of ``torchrun``."""
 
 
@@ -595,6 +602,7 @@ def _join_torchrun(args: argparse.Namespace) -> bool:
     from topk_sae import distributed as dist
 
     dist.init_from_env(args.device)
+    args.device = str(dist.resolve_device(args.device))  # "cuda" -> this rank's cuda:LOCAL_RANK
     if dist.rank() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
     return True
