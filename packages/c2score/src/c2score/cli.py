@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--upsampler-weights", default=None, help="override the upsampler weights")
     p.add_argument("--offline", action="store_true", help="never download weights")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device: cpu (default), cuda, cuda:N, mps; nothing runs on a GPU unless asked",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--resize", type=int, default=256, help="shorter side; 0 keeps the size")
     p.add_argument("--crop", type=int, default=224, help="centre crop; 0 disables")
