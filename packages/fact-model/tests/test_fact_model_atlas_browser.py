@@ -61,6 +61,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path
     root = tmp_path_factory.mktemp("src")
     spec = example_spec(root, classes=["bus", EVIL_CLASS, "boat", "kite"])
     spec["concepts"][0]["name"] = EVIL_NAME
+    # as fact atlas --names shows a CLIP-Dissect name's score (fact_model.report)
+    spec["concepts"][0]["extra"] = {"name score (soft-WPMI)": -0.123456}
     # the misclassified image gets its explanation figure, rendered by fact_model.figures
     e = spec["explanations"][2]
     fig = fig_explanation(
@@ -174,6 +176,9 @@ def test_links_open_concepts_and_explained_images(
     page.wait_for_selector("#concept-title")
     assert page.url.endswith("#/concept/early%3A0")
     assert page.text_content("#concept-title") == EVIL_NAME
+    facts = page.eval_on_selector_all(".facts dt, .facts dd", "els => els.map(e => e.textContent)")
+    i = facts.index("name score (soft-WPMI)")
+    assert facts[i + 1] == "\u22120.1235"  # shown as a number, minus sign, 4 digits
     assert page.locator("#top-images figure").count() == 4
 
     page.click("text=Explained images")
@@ -224,6 +229,9 @@ def test_html_in_data_is_shown_as_text(
     page.goto(index.as_uri() + "#/concept/early%3A0")
     page.wait_for_selector("#top-images")
     assert page.text_content("#concept-title") == EVIL_NAME
+    facts = page.eval_on_selector_all(".facts dt, .facts dd", "els => els.map(e => e.textContent)")
+    i = facts.index("name score (soft-WPMI)")
+    assert facts[i + 1] == "\u22120.1235"  # shown as a number, minus sign, 4 digits
     labels = page.eval_on_selector_all("#top-images .label", "els => els.map(e => e.textContent)")
     assert EVIL_CLASS in labels
     assert page.evaluate(injected) == 0

@@ -1,5 +1,7 @@
 """CLIP-Dissect soft-WPMI naming: planted concepts, a brute-force formula check, a tiny offline
-CLIP (random weights, tokenizer from files written here) and input validation."""
+transformers CLIP (random weights, tokenizer from files written here) and a tiny random open_clip
+model (its real transform and tokenizer), loading both from local folders, the vocabulary and
+names files, and input validation."""
 
 from __future__ import annotations
 
@@ -14,7 +16,17 @@ from fact_model_helpers import backbone, fact, images
 
 from fact_model.concepts import LayerConcepts
 from fact_model.data import IndexedImages, TensorImages, eval_transform_for
-from fact_model.naming import clip_embeddings, name_concepts, name_from_similarity, soft_wpmi
+from fact_model.naming import (
+    check_clip_spec,
+    clip_embeddings,
+    load_clip,
+    load_names,
+    name_concepts,
+    name_from_similarity,
+    read_vocabulary,
+    save_names,
+    soft_wpmi,
+)
 
 
 def _planted(seed: int = 0):
@@ -215,3 +227,169 @@ def test_name_concepts_on_a_dataset_equals_the_parts(tmp_path: Path) -> None:
     )
     want_sub = name_from_similarity((img @ txt.T)[[0, 2, 4, 6]], pres[[0, 2, 4, 6]], words, top_k=2)
     torch.testing.assert_close(sub.scores, want_sub.scores, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- tiny open_clip
+OPEN_CLIP_CFG = dict(
+    embed_dim=16,
+    vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
+)
+
+
+def _tiny_open_clip():
+    """A random open_clip CLIP with its real eval transform and tokenizer (all offline)."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**OPEN_CLIP_CFG).eval()
+    preprocess = open_clip.image_transform(32, is_train=False)
+    return model, (preprocess, open_clip.SimpleTokenizer(context_length=16))
+
+
+def _open_clip_direct(model, preprocess, tokenizer, x, words):
+    """What open_clip's own usage computes: PIL pictures -> preprocess -> encode, normalised."""
+    from PIL import Image
+
+    pics = [
+        Image.fromarray((im * 255).round().byte().permute(1, 2, 0).numpy(), mode="RGB") for im in x
+    ]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(p) for p in pics]))
+        txt = model.encode_text(tokenizer(words))
+    return (torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1))
+
+
+def test_open_clip_embeddings_equal_encode_image_and_encode_text() -> None:
+    model, (pre, tok) = _tiny_open_clip()
+    x = torch.rand(5, 3, 40, 36, generator=torch.Generator().manual_seed(2))
+    words = ["dog", "cat", "red car", "sky"]
+    img, txt = clip_embeddings(model, (pre, tok), x, words, batch_size=2)
+    assert img.shape == (5, 16) and txt.shape == (4, 16)
+    want_img, want_txt = _open_clip_direct(model, pre, tok, x, words)
+    torch.testing.assert_close(img, want_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, want_txt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(5))
+    assert not torch.allclose(txt[0], txt[1]) and not torch.allclose(img[0], img[1])
+    # a list works as the pair too; anything else is refused with what to pass
+    img2, _ = clip_embeddings(model, [pre, tok], x[:2], words)
+    torch.testing.assert_close(img2, img[:2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match=r"pair \(preprocess, tokenizer\)"):
+        clip_embeddings(model, pre, x, words)
+
+
+def test_name_concepts_through_open_clip_equals_the_parts() -> None:
+    clip, proc = _tiny_open_clip()
+    model = fact("resnet")
+    n = 10
+    data = IndexedImages(
+        TensorImages(images(n, seed=8)[:, :3], torch.arange(n) % 3),
+        eval_transform_for(backbone("resnet")),
+    )
+    concepts = LayerConcepts(model, "layer3")
+    words = ["dog", "cat", "tree", "sky", "road", "wheel"]
+    res = name_concepts(
+        concepts, data, words, clip, proc, batch_size=4, progress=False, top_k=3,
+        return_matrix=True,
+    )  # fmt: skip
+    x = torch.stack([data[i][0] for i in range(n)])
+    with torch.no_grad():
+        pres = concepts.presence(x).double()
+    img, txt = _open_clip_direct(clip, *proc, x[:, :3], words)
+    want = name_from_similarity(img @ txt.T, pres, words, top_k=3, return_matrix=True)
+    assert res.names == want.names and len(res.names) == concepts.n_concepts
+    assert set(res.names) <= set(words)
+    torch.testing.assert_close(res.matrix, want.matrix, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- loading
+def test_load_clip_open_clip_folder_and_transformers_folder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model, (pre, tok) = _tiny_open_clip()
+    oc = tmp_path / "oc"
+    oc.mkdir()
+    (oc / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG}))
+    save_file(model.state_dict(), oc / "open_clip_model.safetensors")
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    words = ["dog", "sky"]
+    assert check_clip_spec(f"open_clip:{oc}") == f"open_clip {oc.resolve()}"
+    loaded, proc = load_clip(f"open_clip:{oc}")
+    assert not loaded.training and isinstance(proc, tuple) and len(proc) == 2
+    for a, b in zip(
+        clip_embeddings(loaded, proc, x, words), clip_embeddings(model, (pre, tok), x, words)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    tf_model, tf_proc = _tiny_clip(tmp_path)
+    saved = tmp_path / "hf"
+    tf_model.save_pretrained(saved)
+    tf_proc.save_pretrained(saved)
+    loaded, proc = load_clip(str(saved))
+    assert not loaded.training
+    for a, b in zip(
+        clip_embeddings(loaded, proc, x, words), clip_embeddings(tf_model, tf_proc, x, words)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_specs_that_cannot_load_say_why(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*Hub id is not downloaded"):
+        check_clip_spec(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        check_clip_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="'bert' model, not a CLIP"):
+        load_clip(str(tmp_path))
+    pytest.importorskip("open_clip")
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        check_clip_spec("open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    with pytest.raises(ValueError, match="not an open_clip architecture"):
+        check_clip_spec(f"open_clip:NoSuchNet:{tmp_path / 'w.bin'}")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .* does not exist"):
+        check_clip_spec(f"open_clip:ViT-B-32:{tmp_path / 'w.bin'}")
+    with pytest.raises(FileNotFoundError, match="not a folder, and not ARCH:FILE"):
+        check_clip_spec(f"open_clip:{tmp_path / 'nope'}")
+    with pytest.raises(FileNotFoundError, match=r"no open_clip_config\.json"):
+        check_clip_spec(f"open_clip:{tmp_path}")
+    with pytest.raises(ValueError, match="empty CLIP model spec"):
+        check_clip_spec(" ")
+
+
+# ----------------------------------------------------------------------------- files
+def test_read_vocabulary(tmp_path: Path) -> None:
+    f = tmp_path / "words.txt"
+    f.write_text("\ufeffdog\n  red car \n\ncat\ndog\n\t\n", encoding="utf-8")
+    assert read_vocabulary(f) == ["dog", "red car", "cat"]
+    f.write_text("\n \n")
+    with pytest.raises(ValueError, match="has no words"):
+        read_vocabulary(f)
+    f.write_bytes(b"\xff\xfe\x00d")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_vocabulary(f)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_vocabulary(tmp_path / "none.txt")
+
+
+def test_names_file_round_trip_and_checks(tmp_path: Path) -> None:
+    sim, act, words = _planted()
+    res = name_from_similarity(sim, act, words, top_k=30)
+    path = save_names(tmp_path / "names_l.json", res, layer="l", meta={"n_words": len(words)})
+    rec = load_names(path)
+    assert rec["names"] == res.names and rec["layer"] == "l" and rec["kind"] == "sae"
+    assert rec["scores"] == res.scores.tolist() and rec["word_ids"] == res.word_ids.tolist()
+    assert rec["n_words"] == len(words) and rec["format"] == "fact-concept-names"
+    for edit, match in [
+        (lambda r: r.update(format="other"), "not a concept names file"),
+        (lambda r: r.update(version=9), "version 9"),
+        (lambda r: r.update(scores=r["scores"][:-1]), "as many finite 'scores'"),
+        (lambda r: r.update(names=[""] * len(r["names"])), "non-empty strings"),
+        (lambda r: r.update(kind="pixels"), "'kind' of sae or channels"),
+    ]:
+        bad = dict(rec)
+        edit(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_names(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_names(tmp_path / "bad.json")

@@ -5,7 +5,8 @@
     fact evaluate  MODEL --dataset SPEC                                  (Sec. 5.1, App. B)
     fact explain   MODEL IMAGE [--out DIR]                               (Eq. 9, Eq. 12)
     fact stats     MODEL --dataset SPEC --out DIR                        (App. D)
-    fact atlas     MODEL --dataset SPEC --out DIR                        (browsable concepts)
+                   [--clip-model SPEC --vocabulary FILE]                 (names, Sec. 5.3)
+    fact atlas     MODEL --dataset SPEC --out DIR [--names DIR]          (browsable concepts)
     fact demo      [--out DIR] [--fast]                                  (the whole method)
     fact compare   {c2,deletion} MODEL --out DIR [--dataset ...]          (the paper's tables)
 
@@ -281,16 +282,94 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _naming_words(args: argparse.Namespace) -> list[str] | None:
+    """The vocabulary when ``fact stats`` names concepts (``None`` when it does not); checks
+    the naming options before the long statistics pass, so that bad input fails at once."""
+    from fact_model.naming import check_clip_spec, read_vocabulary
+
+    if args.clip_model is None and args.vocabulary is None:
+        for flag, value in (
+            ("--probe-dataset", args.probe_dataset),
+            ("--name-top-k", args.name_top_k),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} is a naming option: give --clip-model and --vocabulary too"
+                )
+        return None
+    if args.vocabulary is None:
+        raise ValueError("--clip-model needs --vocabulary FILE (one word or phrase per line)")
+    if args.clip_model is None:
+        raise ValueError(
+            "--vocabulary needs --clip-model (a transformers CLIP folder, open_clip:DIR or "
+            "open_clip:ARCH:FILE)"
+        )
+    if args.name_top_k is not None and args.name_top_k < 1:
+        raise ValueError(f"--name-top-k must be >= 1, got {args.name_top_k}")
+    words = read_vocabulary(args.vocabulary)
+    check_clip_spec(args.clip_model)
+    return words
+
+
+def _name_layers(
+    args: argparse.Namespace, model: Any, data: Any, layers: list[str], words: list[str],
+    summaries: dict[str, dict[str, Any]], out: Path,
+) -> None:  # fmt: skip
+    """CLIP-Dissect names of every layer's concepts: ``names_<layer>.json`` and the names in
+    ``stats_<layer>.json`` (rank 0 only: no collective operation runs here)."""
+    from fact_model._atomic import atomic_write_json
+    from fact_model.concepts import LayerConcepts
+    from fact_model.naming import check_clip_spec, load_clip, name_concepts, save_names
+
+    clip, processor = load_clip(args.clip_model, device=args.device)
+    if args.probe_dataset is None:
+        probe, indices, probe_spec = data, _limit(data, args.limit, args.seed), args.dataset
+    else:
+        probe, indices, probe_spec = _dataset(args.probe_dataset, model), None, args.probe_dataset
+    top_k = 100 if args.name_top_k is None else args.name_top_k
+    meta = {
+        "clip_model": args.clip_model,
+        "clip_model_resolved": check_clip_spec(args.clip_model),
+        "vocabulary": str(Path(args.vocabulary).expanduser().resolve()),
+        "n_words": len(words),
+        "probe_dataset": probe_spec,
+        "probe_images": len(probe) if indices is None else len(indices),
+        "top_k": top_k,
+    }
+    for layer in layers:
+        res = name_concepts(
+            LayerConcepts(model, layer, kind=args.kind), probe, words, clip, processor,
+            indices=indices, batch_size=args.batch_size, device=args.device,
+            progress=not args.no_progress, top_k=top_k,
+        )  # fmt: skip
+        names_file = out / f"names_{layer}.json"
+        save_names(names_file, res, layer=layer, kind=args.kind, meta=meta)
+        summary = {
+            **summaries[layer],
+            "naming": {**meta, "file": names_file.name},
+            "concept_names": [
+                {"concept": c, "name": name, "score": float(score)}
+                for c, (name, score) in enumerate(zip(res.names, res.scores.tolist()))
+            ],
+        }
+        atomic_write_json(out / f"stats_{layer}.json", summary)
+        shown = ", ".join(f"{c}: {n!r}" for c, n in enumerate(res.names[:5]))
+        print(f"{layer}: {len(res.names)} concepts named ({shown}, ...); written to {names_file}")
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
 
     from fact_model._atomic import atomic_write_json
     from fact_model.concepts import LayerConcepts
     from fact_model.stats import concept_statistics
 
+    words = _naming_words(args)
     model = _load_model(args.model, args.device)
     data = _dataset(args.dataset, model)
     out = Path(args.out)
-    for layer in [args.layer] if args.layer else list(model.layers):
+    layers = [args.layer] if args.layer else list(model.layers)
+    summaries: dict[str, dict[str, Any]] = {}
+    for layer in layers:
         st = concept_statistics(
             LayerConcepts(model, layer, kind=args.kind), data, indices=_limit(data, args.limit, args.seed),
             top_k=args.top_k, extent_images=args.extent_images, batch_size=args.batch_size,
@@ -303,10 +382,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "n_images": st.n_images,
             "skipped": st.skipped,
         }
+        summaries[layer] = summary
         if _is_main():  # under torchrun every rank holds the same statistics
             st.save(out / f"stats_{layer}.safetensors")
             atomic_write_json(out / f"stats_{layer}.json", summary)
         _print_json(summary)
+    # Naming after every layer's statistics: the other ranks of a torchrun job are done then,
+    # none waits in a collective while rank 0 runs CLIP.
+    if words is not None and _is_main():
+        _name_layers(args, model, data, layers, words, summaries, out)
     return 0
 
 
@@ -316,15 +400,78 @@ def _is_main() -> bool:
     return dist.rank() == 0
 
 
+def _atlas_names(
+    paths: Sequence[str], model: Any
+) -> tuple[dict[str, list[str]], dict[str, list[float]], dict[str, str]]:
+    """Names, scores and a one-line provenance per layer from ``names_<layer>.json`` files
+    (each path a file, or a folder holding them, e.g. the ``--out`` of ``fact stats``)."""
+    from fact_model.naming import load_names
+
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(p.glob("names_*.json"))
+            if not found:
+                raise FileNotFoundError(
+                    f"--names {raw}: the folder holds no names_<layer>.json; write them with "
+                    "fact stats MODEL --dataset ... --out DIR --clip-model ... --vocabulary ..."
+                )
+            files += found
+        else:
+            files.append(p)
+    names: dict[str, list[str]] = {}
+    scores: dict[str, list[float]] = {}
+    about: dict[str, str] = {}
+    for f in files:
+        rec = load_names(f)
+        layer = rec["layer"]
+        if layer not in model.layers:
+            raise ValueError(
+                f"{f} names concepts of layer {layer!r}, which this model does not decompose "
+                f"(its layers: {', '.join(model.layers)}); were they made for another model?"
+            )
+        if rec["kind"] != "sae":
+            raise ValueError(
+                f"{f} names the B-cos channels of {layer} (fact stats --kind channels); the "
+                "atlas shows the SAE concepts: rerun fact stats without --kind channels"
+            )
+        n = model.layer_info(layer).n_latents
+        if len(rec["names"]) != n:
+            raise ValueError(
+                f"{f} has {len(rec['names'])} names but layer {layer} has {n} concepts; were "
+                "they made for another model?"
+            )
+        if layer in names:
+            raise ValueError(f"--names gives layer {layer!r} twice (the second time in {f})")
+        names[layer], scores[layer] = rec["names"], [float(v) for v in rec["scores"]]
+        about[layer] = f"{_short_clip(rec.get('clip_model'))}, {rec.get('n_words', '?')} words"
+    return names, scores, about
+
+
+def _short_clip(spec: Any) -> str:
+    """A short name of a --clip-model spec for the atlas summary (its folder or architecture)."""
+    if not isinstance(spec, str) or not spec:
+        return "CLIP"
+    if spec.startswith("open_clip:"):
+        rest = spec[len("open_clip:") :]
+        return "open_clip " + (Path(rest).name if Path(rest).is_dir() else rest.split(":", 1)[0])
+    return Path(spec).name or spec
+
+
 def cmd_atlas(args: argparse.Namespace) -> int:
     from fact_model.report import build_model_atlas
 
     model = _load_model(args.model, args.device)
+    names, scores, about = _atlas_names(args.names or [], model)
     data = _dataset(args.dataset, model)
     path = build_model_atlas(
         model, data, args.out, indices=_limit(data, args.limit, args.seed), n_explained=args.explain,
-        top_k=args.top_k, max_concepts=args.max_concepts, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        top_k=args.top_k, max_concepts=args.max_concepts, concept_names=names or None,
+        name_scores=scores or None,
+        summary={"concept names (CLIP-Dissect)": about} if about else None,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        overwrite=args.overwrite,
     )  # fmt: skip
     print(f"atlas written: open {path} in a browser")
     return 0
@@ -538,6 +685,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--extent-images", type=int, default=5)
     p.add_argument("--limit", type=int, default=None)
+    g = p.add_argument_group(
+        "concept names (CLIP-Dissect soft-WPMI, paper Sec. 5.3; local files only, nothing is "
+        "downloaded)"
+    )
+    g.add_argument(
+        "--clip-model", default=None, metavar="SPEC",
+        help="a transformers CLIP folder (save_pretrained of CLIPModel and CLIPProcessor), "
+        "open_clip:DIR (open_clip_config.json + weights) or open_clip:ARCH:FILE",
+    )  # fmt: skip
+    g.add_argument(
+        "--vocabulary", default=None, metavar="FILE",
+        help="the candidate names: a UTF-8 text file, one word or phrase per line",
+    )  # fmt: skip
+    g.add_argument(
+        "--probe-dataset", default=None, metavar="SPEC",
+        help="images the names are scored on (default: --dataset, with --limit)",
+    )  # fmt: skip
+    g.add_argument(
+        "--name-top-k", type=int, default=None,
+        help="top-activating probe images per concept in soft-WPMI (default 100)",
+    )  # fmt: skip
     _add_common(p)
     p.set_defaults(func=cmd_stats)
 
@@ -578,6 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-concepts", type=int, default=200, help="concepts with cards (most frequent first)"
     )
+    p.add_argument(
+        "--names", action="append", default=None, metavar="PATH",
+        help="concept names: a names_<layer>.json of fact stats --clip-model, or a folder of "
+        "them (e.g. the --out of fact stats); repeatable",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_atlas)

@@ -18,6 +18,12 @@ API
   presence of a :class:`~fact_model.concepts.LayerConcepts` over a dataset (the codes summed
   over positions) and CLIP embeddings of the same images (the first 3 channels of the B-cos
   input ``[x, 1 - x]``, i.e. the RGB image in [0, 1]), then :func:`name_from_similarity`.
+* :func:`load_clip` ``(spec, device) -> (model, processor)`` — a CLIP from local files only
+  (spec: a transformers CLIP folder, ``open_clip:DIR`` or ``open_clip:ARCH:FILE``; see there);
+  :func:`check_clip_spec` validates a spec without loading anything.
+* :func:`read_vocabulary` ``(path) -> words`` — a text file, one word or phrase per line.
+* :func:`save_names` / :func:`load_names` — the ``names_<layer>.json`` files that
+  ``fact stats --clip-model ... --vocabulary ...`` writes and ``fact atlas --names`` reads.
 
 Formula (CLIP-Dissect ``similarity.soft_wpmi``; parameters and defaults from that paper/code)
 -------------------------------------------------------------------------------------------
@@ -38,7 +44,11 @@ together, exactly as in CLIP-Dissect.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -46,12 +56,25 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 __all__ = [
+    "NAMES_FORMAT",
+    "OPEN_CLIP_PREFIX",
     "ConceptNames",
+    "check_clip_spec",
     "clip_embeddings",
+    "load_clip",
+    "load_names",
     "name_concepts",
     "name_from_similarity",
+    "read_vocabulary",
+    "save_names",
     "soft_wpmi",
 ]
+
+NAMES_FORMAT = "fact-concept-names"
+"""The ``format`` field of a ``names_<layer>.json`` file (:func:`save_names`)."""
+NAMES_FORMAT_VERSION = 1
+OPEN_CLIP_PREFIX = "open_clip:"
+"""The prefix of an open_clip spec for :func:`load_clip`."""
 
 
 class ConceptNames(NamedTuple):
@@ -169,21 +192,57 @@ def _check_images(images: Tensor) -> None:
         )
 
 
+def _model_dtype(model: Any) -> torch.dtype:
+    """The floating dtype of the model's weights (inputs are cast to it; float32 if none)."""
+    try:
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    except (AttributeError, TypeError):
+        pass
+    return torch.float32
+
+
+def _open_clip_parts(processor: Any) -> tuple[Any, Any]:
+    """``(preprocess, tokenizer)`` of an open_clip model, checked."""
+    if (
+        not isinstance(processor, (tuple, list))
+        or len(processor) != 2
+        or not all(callable(f) for f in processor)
+    ):
+        raise TypeError(
+            "for an open_clip model, clip_processor must be the pair (preprocess, tokenizer): "
+            "the eval transform of open_clip.create_model_and_transforms (its third result) "
+            "and open_clip.get_tokenizer(name); got "
+            f"{type(processor).__name__}"
+        )
+    return processor[0], processor[1]
+
+
+def _to_pil(image: Tensor) -> Any:
+    """A (3, H, W) image in [0, 1] as the 8-bit RGB picture an open_clip transform expects."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
 @torch.no_grad()
 def _image_features(model: Any, processor: Any, images: Tensor, device: Any) -> Tensor:
     """(B, D) unnormalised features of RGB images in [0, 1]."""
     _check_images(images)
     images = images.detach().float().cpu().clamp(0, 1)
+    dtype = _model_dtype(model)
     if hasattr(model, "get_image_features"):  # transformers
         proc = getattr(processor, "image_processor", processor)
         pix = proc(images=list(images), do_rescale=False, return_tensors="pt")["pixel_values"]
-        return _features(model.get_image_features(pixel_values=pix.to(device)))
+        return _features(model.get_image_features(pixel_values=pix.to(device, dtype)))
     if hasattr(model, "encode_image"):  # open_clip: processor = (preprocess, tokenizer)
-        from torchvision.transforms.functional import to_pil_image
-
-        preprocess = processor[0]
-        pix = torch.stack([preprocess(to_pil_image(im)) for im in images])
-        return _features(model.encode_image(pix.to(device)))
+        # open_clip's transforms (Resize, CenterCrop, ToTensor, Normalize) take PIL images, as
+        # in its training: each image is rounded to 8 bits and handed over as a picture.
+        preprocess, _ = _open_clip_parts(processor)
+        pix = torch.stack([preprocess(_to_pil(im)) for im in images])
+        return _features(model.encode_image(pix.to(device, dtype)))
     raise TypeError(
         "clip_model needs get_image_features (transformers) or encode_image (open_clip)"
     )
@@ -197,7 +256,8 @@ def _text_features(model: Any, processor: Any, words: list[str], device: Any) ->
         enc = {k: t.to(device) for k, t in enc.items() if k in ("input_ids", "attention_mask")}
         return _features(model.get_text_features(**enc))
     if hasattr(model, "encode_text"):
-        return _features(model.encode_text(processor[1](words).to(device)))
+        _, tokenizer = _open_clip_parts(processor)
+        return _features(model.encode_text(tokenizer(words).to(device)))
     raise TypeError("clip_model needs get_text_features (transformers) or encode_text (open_clip)")
 
 
@@ -298,3 +358,249 @@ def name_concepts(
     return name_from_similarity(
         sim, torch.cat(pres), words, return_matrix=return_matrix, **wpmi_kwargs
     )
+
+
+# ----------------------------------------------------------------------------- loading a CLIP
+_CLIP_SPEC_HELP = (
+    "--clip-model takes a local folder of a transformers CLIP (CLIPModel.save_pretrained and "
+    "CLIPProcessor.save_pretrained, e.g. a downloaded openai/clip-vit-base-patch32 snapshot), "
+    "open_clip:DIR (a folder with open_clip_config.json and weights) or "
+    "open_clip:ARCH:FILE (an open_clip architecture and a local checkpoint file)"
+)
+
+
+class _ClipSpec(NamedTuple):
+    kind: str  # "transformers", "open_clip-dir" or "open_clip"
+    path: Path  # the folder, or the checkpoint file
+    arch: str | None = None
+
+
+def _parse_clip_spec(spec: str) -> _ClipSpec:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty CLIP model spec; {_CLIP_SPEC_HELP}")
+    if not spec.startswith(OPEN_CLIP_PREFIX):
+        return _ClipSpec("transformers", Path(spec).expanduser())
+    rest = spec[len(OPEN_CLIP_PREFIX) :]
+    if rest.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"{spec!r}: nothing is downloaded here; download the model yourself (e.g. "
+            "`huggingface-cli download REPO --local-dir DIR`) and pass open_clip:DIR"
+        )
+    if Path(rest).expanduser().is_dir():
+        return _ClipSpec("open_clip-dir", Path(rest).expanduser())
+    arch, sep, file = rest.partition(":")
+    if not sep or not arch or not file:
+        raise FileNotFoundError(
+            f"{spec!r}: {rest!r} is not a folder, and not ARCH:FILE either; {_CLIP_SPEC_HELP}"
+        )
+    return _ClipSpec("open_clip", Path(file).expanduser(), arch)
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ImportError(
+            f"open_clip specs need the open-clip-torch package ({err}); "
+            "install it (pip install open-clip-torch) or pass a transformers CLIP folder"
+        ) from err
+    return open_clip
+
+
+def check_clip_spec(spec: str) -> str:
+    """Validate a :func:`load_clip` spec without loading the model; returns what it names.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` / ``ImportError`` with a message that says
+    what is wrong and how to fix it (cheap: for failing before a long pass, not after it).
+    """
+    s = _parse_clip_spec(spec)
+    if s.kind == "transformers":
+        if not s.path.is_dir():
+            raise FileNotFoundError(
+                f"CLIP model folder {str(s.path)!r} does not exist (a Hub id is not downloaded "
+                f"here: download the snapshot and pass its folder); {_CLIP_SPEC_HELP}"
+            )
+        config = s.path / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(
+                f"{str(s.path)!r} holds no config.json, so it is no transformers model folder; "
+                f"{_CLIP_SPEC_HELP}"
+            )
+        try:
+            model_type = json.loads(config.read_text("utf-8")).get("model_type")
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{str(config)!r} is not a valid config file ({err})") from err
+        if model_type != "clip":
+            raise ValueError(
+                f"{str(s.path)!r} holds a {model_type!r} model, not a CLIP (model_type 'clip'); "
+                f"{_CLIP_SPEC_HELP}"
+            )
+        return f"transformers CLIP {s.path.resolve()}"
+    open_clip = _import_open_clip()
+    if s.kind == "open_clip-dir":
+        if not (s.path / "open_clip_config.json").is_file():
+            raise FileNotFoundError(
+                f"{str(s.path)!r} holds no open_clip_config.json; {_CLIP_SPEC_HELP}"
+            )
+        return f"open_clip {s.path.resolve()}"
+    if s.arch not in open_clip.list_models():
+        raise ValueError(
+            f"{s.arch!r} is not an open_clip architecture (see open_clip.list_models(), "
+            "e.g. ViT-B-32); the spec is open_clip:ARCH:FILE"
+        )
+    if not s.path.is_file():
+        raise FileNotFoundError(
+            f"open_clip checkpoint {str(s.path)!r} does not exist; nothing is downloaded here, "
+            "download the weights first and pass open_clip:ARCH:/path/to/checkpoint"
+        )
+    return f"open_clip {s.arch} {s.path.resolve()}"
+
+
+def load_clip(spec: str, device: Any = "cpu") -> tuple[Any, Any]:
+    """``(model, processor)`` of a CLIP from local files only, in eval mode on ``device``,
+    ready for :func:`clip_embeddings` / :func:`name_concepts`. Nothing is downloaded.
+
+    ``spec``:
+
+    * ``PATH`` -- a folder with a transformers CLIP (``config.json`` with ``model_type``
+      ``clip``, its weights, and the processor saved by ``CLIPProcessor.save_pretrained``);
+      loaded with ``CLIPModel`` / ``CLIPProcessor.from_pretrained(PATH, local_files_only=True)``.
+    * ``open_clip:DIR`` -- a folder with ``open_clip_config.json`` and a checkpoint (open_clip's
+      ``local-dir:`` format, e.g. a downloaded ``hf-hub`` open_clip repository).
+    * ``open_clip:ARCH:FILE`` -- a built-in open_clip architecture (``open_clip.list_models()``)
+      with the checkpoint ``FILE`` (loaded with ``weights_only``). An architecture whose
+      tokenizer or text tower comes from the Hugging Face Hub reads it from the local cache
+      (``local_files_only`` for the tokenizer; set ``HF_HUB_OFFLINE=1`` to be sure).
+
+    For open_clip the processor is ``(preprocess, tokenizer)``: the eval transform and the
+    architecture's tokenizer.
+    """
+    check_clip_spec(spec)
+    s = _parse_clip_spec(spec)
+    if s.kind == "transformers":
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            model = CLIPModel.from_pretrained(str(s.path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load a CLIPModel from {str(s.path)!r} ({err})") from err
+        try:
+            processor = CLIPProcessor.from_pretrained(str(s.path), local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"cannot load a CLIPProcessor from {str(s.path)!r} ({err}); save the model's "
+                "processor there too: CLIPProcessor.from_pretrained(NAME).save_pretrained(PATH)"
+            ) from err
+        return model.to(device).eval(), processor
+    open_clip = _import_open_clip()
+    if s.kind == "open_clip-dir":
+        name, pretrained, tok_kwargs = f"local-dir:{s.path}", None, {}
+    else:
+        name, pretrained = s.arch, str(s.path)
+        text_cfg = (open_clip.get_model_config(s.arch) or {}).get("text_cfg", {})
+        tok_kwargs = {"local_files_only": True} if text_cfg.get("hf_tokenizer_name") else {}
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device
+        )
+        tokenizer = open_clip.get_tokenizer(name, **tok_kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot load the open_clip model {spec!r} ({err})") from err
+    return model.eval(), (preprocess, tokenizer)
+
+
+# ----------------------------------------------------------------------------- files
+def read_vocabulary(path: str | os.PathLike[str]) -> list[str]:
+    """The words of a vocabulary file: UTF-8 text, one word or phrase per line.
+
+    Surrounding whitespace and blank lines are dropped, repeats are kept once (first
+    occurrence). Raises ``FileNotFoundError`` / ``ValueError`` (no words, not UTF-8).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"vocabulary file {str(p)!r} does not exist; give a text file with one word or "
+            "phrase per line"
+        )
+    try:
+        text = p.read_text("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"vocabulary file {str(p)!r} is not UTF-8 text ({err})") from err
+    words = list(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip()))
+    if not words:
+        raise ValueError(
+            f"vocabulary file {str(p)!r} has no words; write one word or phrase per line "
+            "(e.g. CLIP-Dissect's list of common English words)"
+        )
+    return words
+
+
+def save_names(
+    path: str | os.PathLike[str],
+    result: ConceptNames,
+    *,
+    layer: str,
+    kind: str = "sae",
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``names_<layer>.json`` (atomically)::
+
+        {"format": "fact-concept-names", "version": 1, "layer": str, "kind": "sae" | "channels",
+         "method": "CLIP-Dissect soft-WPMI", "names": [str] (K), "scores": [float] (K),
+         "word_ids": [int] (K), **meta}
+
+    ``meta``: provenance (CLIP model, vocabulary, probe set, ``top_k``), JSON-able.
+    """
+    from fact_model._atomic import atomic_write_json
+
+    record = {
+        "format": NAMES_FORMAT,
+        "version": NAMES_FORMAT_VERSION,
+        "layer": layer,
+        "kind": kind,
+        "method": "CLIP-Dissect soft-WPMI",
+        **dict(meta or {}),
+        "names": list(result.names),
+        "scores": [float(v) for v in result.scores.tolist()],
+        "word_ids": [int(v) for v in result.word_ids.tolist()],
+    }
+    return atomic_write_json(path, record)
+
+
+def load_names(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a :func:`save_names` file; returns its dict (``names``, ``scores``,
+    ``layer``, ``kind`` and the provenance fields)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"names file {str(p)!r} does not exist")
+    try:
+        record = json.loads(p.read_text("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"names file {str(p)!r} is not valid JSON ({err})") from err
+    if not isinstance(record, dict) or record.get("format") != NAMES_FORMAT:
+        raise ValueError(
+            f"{str(p)!r} is not a concept names file (format {NAMES_FORMAT!r}, written by "
+            "fact stats --clip-model ... --vocabulary ...)"
+        )
+    if record.get("version") != NAMES_FORMAT_VERSION:
+        raise ValueError(
+            f"{str(p)!r} has names format version {record.get('version')!r}; this fact-model "
+            f"reads version {NAMES_FORMAT_VERSION}"
+        )
+    names, scores = record.get("names"), record.get("scores")
+    if not isinstance(record.get("layer"), str) or record.get("kind") not in ("sae", "channels"):
+        raise ValueError(f"{str(p)!r} needs a string 'layer' and a 'kind' of sae or channels")
+    if (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) and n for n in names)
+        or not isinstance(scores, list)
+        or len(scores) != len(names)
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in scores
+        )
+    ):
+        raise ValueError(
+            f"{str(p)!r} needs 'names' (non-empty strings) and as many finite 'scores'"
+        )
+    return record

@@ -118,7 +118,8 @@ def concept_pictures(
             overlays.append(rgba[j].cpu().numpy())
         thumb = (composite_rgba(overlays[0]) * 255).round().astype(np.uint8)
         name = names[c] if names is not None and c < len(names) and names[c] else None
-        title = concept_id(layer, c) + (f" · {name}" if name else "")
+        # A name is a vocabulary word shown as is: "$" would start matplotlib mathtext.
+        title = concept_id(layer, c) + (" · " + name.replace("$", r"\$") if name else "")
         extra = {"frequency": float(stats.frequency[c])}
         if math.isfinite(float(stats.entropy[c])):
             extra["entropy"] = float(stats.entropy[c])
@@ -230,6 +231,7 @@ def build_model_atlas(
     stats: Mapping[str, ConceptStats] | None = None,
     c2: Mapping[str, Mapping[int, float]] | None = None,
     concept_names: Mapping[str, Sequence[str]] | None = None,
+    name_scores: Mapping[str, Sequence[float]] | None = None,
     summary: Mapping[str, Any] | None = None,
     title: str = "FaCT concept atlas",
     batch_size: int = 64,
@@ -244,7 +246,10 @@ def build_model_atlas(
     are computed on ``indices``. Concepts with cards: the ``max_concepts`` most frequent alive
     ones per layer, plus every concept an explanation lists (its ``explain_top`` largest
     contributions). Explained images: ``explain_indices`` or the first ``n_explained`` of
-    ``indices``, misclassified ones first.
+    ``indices``, misclassified ones first. ``concept_names`` / ``name_scores``: per layer, a
+    name and its score for every concept (e.g. :func:`fact_model.naming.load_names` of the
+    ``names_<layer>.json`` of ``fact stats``); a name is the concept's title on the list and
+    its page, the score a statistic on its page.
     """
     from fact_model.atlas import build_atlas
 
@@ -291,14 +296,19 @@ def build_model_atlas(
                 model, dataset, st, chosen, root, c2=(c2 or {}).get(layer), names=names,
                 per_concept=top_k, device=device, progress=progress,
             )  # fmt: skip
+            scores = (name_scores or {}).get(layer)
             for c in chosen:
                 p = pics.get(c, {})
+                name = names[c] if names is not None and c < len(names) and names[c] else None
+                extra = {}
+                if name is not None and scores is not None and c < len(scores):
+                    extra["name score (soft-WPMI)"] = float(scores[c])
                 concepts_spec.append(
                     {
                         "id": concept_id(layer, c),
                         "layer": layer,
                         "index": int(c),
-                        "name": names[c] if names is not None and c < len(names) else None,
+                        "name": name,
                         "frequency": float(st.frequency[c]),
                         "c2": (c2 or {}).get(layer, {}).get(c),
                         "entropy": _finite(st.entropy[c]),
@@ -307,6 +317,7 @@ def build_model_atlas(
                         "card": p.get("card"),
                         "thumb": p.get("thumb"),
                         "top_images": p.get("top_images", []),
+                        "extra": extra,
                     }
                 )
         spec = {
