@@ -103,6 +103,9 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
 def shutdown() -> None:
     """Leave the process group (at the end of a torchrun script; a no-op without one)."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # free collective work still referenced from cycles (e.g. of a DDP module)
         dist.destroy_process_group()
 
 

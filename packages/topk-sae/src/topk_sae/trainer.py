@@ -26,6 +26,7 @@ every dense encoder matmul, i.e. more traffic per step for memory that is not sh
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import warnings
@@ -494,9 +495,7 @@ def train(
             from torch.nn.parallel import DistributedDataParallel
 
             ddp = DistributedDataParallel(
-                _RankLoss(model),
-                device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,  # input_scale is set identically on every rank
+                _RankLoss(model), device_ids=[device.index] if device.type == "cuda" else None
             )
         opt = make_optimizer(model, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.int64, device=device)
@@ -667,6 +666,11 @@ def train(
             close_epoch()  # a fractional last epoch
         finally:
             bar.close()
+            if ddp is not None:
+                # DDP holds gloo work objects in reference cycles; a process group torn down
+                # (or an interpreter finalised) while they live can abort the process.
+                del ddp
+                gc.collect()
 
     model.eval()
     model_dir = out / "model"
