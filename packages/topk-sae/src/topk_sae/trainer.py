@@ -193,6 +193,16 @@ def training_step(
         return parts, loss_value, math.nan
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
+    return parts, loss_value, _update(model, optimizer, grad_clip_norm)
+
+
+def _update(
+    model: BiasFreeTopKSAE, optimizer: torch.optim.Optimizer, grad_clip_norm: float | None
+) -> float:
+    """After backward: remove the atom-parallel decoder gradient, clip, step, renormalise.
+
+    Returns the gradient norm before clipping; when it is not finite nothing is updated.
+    """
     model.remove_parallel_grad_()
     if grad_clip_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
@@ -202,10 +212,10 @@ def training_step(
         grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return parts, loss_value, grad_norm
+        return grad_norm
     optimizer.step()
     model.normalize_atoms_()
-    return parts, loss_value, grad_norm
+    return grad_norm
 
 
 class _RankLoss(nn.Module):
@@ -292,18 +302,7 @@ def _data_parallel_step(
     if not math.isfinite(loss_value):
         return fwd, loss_value, math.nan, mse, auxk
     objective.backward()  # DDP averages the gradients over the ranks here
-    model.remove_parallel_grad_()
-    if grad_clip_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
-    else:
-        norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return fwd, loss_value, grad_norm, mse, auxk
-    optimizer.step()
-    model.normalize_atoms_()
-    return fwd, loss_value, grad_norm, mse, auxk
+    return fwd, loss_value, _update(model, optimizer, grad_clip_norm), mse, auxk
 
 
 def estimate_input_stats(
@@ -574,18 +573,16 @@ def train(
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * sched.lr_factor(step)
                     dead_n = tokens_since_fired >= dead_after
+                    step_args: dict[str, Any] = {
+                        "k": k_now,
+                        "dead_n": dead_n,
+                        "k_aux": cfg.k_aux,
+                        "auxk_coef": cfg.auxk_coef,
+                        "grad_clip_norm": cfg.grad_clip_norm,
+                        "bf16": cfg.autocast_bf16,
+                    }
                     if ddp is None:
-                        parts, loss_value, grad_norm = training_step(
-                            model,
-                            opt,
-                            xs,
-                            k=k_now,
-                            dead_n=dead_n,
-                            k_aux=cfg.k_aux,
-                            auxk_coef=cfg.auxk_coef,
-                            grad_clip_norm=cfg.grad_clip_norm,
-                            bf16=cfg.autocast_bf16,
-                        )
+                        parts, loss_value, grad_norm = training_step(model, opt, xs, **step_args)
                         fwd: TrainForward | None = parts.forward
                         mse_value, auxk_value = (
                             float(parts.mse.detach()),
@@ -593,17 +590,7 @@ def train(
                         )
                     else:
                         fwd, loss_value, grad_norm, mse_value, auxk_value = _data_parallel_step(
-                            ddp,
-                            model,
-                            opt,
-                            xs,
-                            n_global,
-                            k=k_now,
-                            dead_n=dead_n,
-                            k_aux=cfg.k_aux,
-                            auxk_coef=cfg.auxk_coef,
-                            grad_clip_norm=cfg.grad_clip_norm,
-                            bf16=cfg.autocast_bf16,
+                            ddp, model, opt, xs, n_global, **step_args
                         )
                     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                         what = "loss" if not math.isfinite(loss_value) else "gradient norm"
