@@ -13,6 +13,10 @@
 Datasets: ``imagefolder:PATH``, ``hf:NAME[:SPLIT]``, ``hf-disk:PATH[:SPLIT]``, ``world[:SPLIT]``
 (the embedded concept world). Exit codes: 0 success, 1 failure (the message says why),
 2 bad command line, 130 interrupted (everything finished so far is kept; rerun to resume).
+
+Several GPUs: ``torchrun --nproc-per-node N -m fact_model.cli features|train|evaluate|stats
+... --device cuda`` splits the work across the ranks (one GPU each) with the single-process
+result; the other commands run in one process (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -588,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fact",
         description="FaCT: faithful concept traces -- B-cos networks with bias-free TopK SAEs inside.",
-        epilog="Datasets: imagefolder:PATH, hf:NAME[:SPLIT], hf-disk:PATH[:SPLIT], world[:SPLIT].",
+        epilog="Datasets: imagefolder:PATH, hf:NAME[:SPLIT], hf-disk:PATH[:SPLIT], world[:SPLIT]. "
+        "Several GPUs: torchrun --nproc-per-node N -m fact_model.cli "
+        "{features,train,evaluate,stats} ... --device cuda.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
