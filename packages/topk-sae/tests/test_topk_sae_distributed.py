@@ -1,7 +1,7 @@
 """Data-parallel SAE training and evaluation under ``torchrun`` (gloo on CPU) equal one process.
 
-Two and three ranks (uneven shares, and a last batch of 3 rows that leaves one of three ranks
-a single row) train with AuxK active; weights, loss history, dead-latent counts and held-out
+Two and three ranks (uneven shares, and a last batch of 2 rows that leaves one of three ranks
+no row at all) train with AuxK active; weights, loss history, dead-latent counts and held-out
 metrics must equal the single-process run to float32 reduction-order tolerance. A run killed
 after a checkpoint under 2 ranks resumes under 3 ranks (and under 1) to the same result.
 """
