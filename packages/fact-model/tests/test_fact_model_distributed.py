@@ -105,16 +105,24 @@ def test_fact_train_under_torchrun_selects_like_one_process(
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     proc = launch([*TORCHRUN, "-m", "fact_model.cli", *args, "--out", str(tmp_path / "two")])
     assert proc.stdout.count("model saved to") == 1  # rank 0 alone prints
+    # the sweep split by grid point (k=2 on rank 0, k=3 on rank 1) selects the same
+    launch([*TORCHRUN, "-m", "fact_model.cli", *args, "--parallel", "grid", "--out",
+            str(tmp_path / "grid")])  # fmt: skip
     ra = json.loads((tmp_path / "one" / "train_report.json").read_text())
-    rb = json.loads((tmp_path / "two" / "train_report.json").read_text())
-    la, lb = ra["layers"]["layer3"], rb["layers"]["layer3"]
-    assert la["feature_set"] == lb["feature_set"] and la["feature_set"]["skipped"]["skipped"] == 1
-    assert [r["name"] for r in la["selected"]] == [r["name"] for r in lb["selected"]]
-    for x, y in zip(la["runs"], lb["runs"]):
-        assert x["heldout_top1"] == y["heldout_top1"] and x["l0"] == pytest.approx(y["l0"])
-        assert x["explained_variance"] == pytest.approx(y["explained_variance"], abs=1e-5)
-    assert ra["heldout_evaluation"]["n_images"] == rb["heldout_evaluation"]["n_images"] == 6
-    assert ra["heldout_evaluation"]["bcos"] == rb["heldout_evaluation"]["bcos"]
+    for other in ("two", "grid"):
+        rb = json.loads((tmp_path / other / "train_report.json").read_text())
+        la, lb = ra["layers"]["layer3"], rb["layers"]["layer3"]
+        assert la["feature_set"] == lb["feature_set"]
+        assert la["feature_set"]["skipped"]["skipped"] == 1
+        assert [r["name"] for r in la["selected"]] == [r["name"] for r in lb["selected"]]
+        assert len(la["runs"]) == len(lb["runs"]) == 2
+        for x, y in zip(la["runs"], lb["runs"]):
+            assert x["heldout_top1"] == y["heldout_top1"] and x["l0"] == pytest.approx(y["l0"])
+            assert x["explained_variance"] == pytest.approx(y["explained_variance"], abs=1e-5)
+        assert ra["heldout_evaluation"]["n_images"] == rb["heldout_evaluation"]["n_images"] == 6
+        assert ra["heldout_evaluation"]["bcos"] == rb["heldout_evaluation"]["bcos"]
+    sweep = json.loads((tmp_path / "grid" / "sweeps" / "layer3" / "sweep.json").read_text())
+    assert set(sweep["runs"]) == {r["name"] for r in la["runs"]}  # both ranks' runs recorded
     # fact stats under torchrun writes the single-process statistics (rank 0 alone writes)
     stats = ["stats", str(tmp_path / "one" / "model"), "--dataset", f"imagefolder:{imgs}",
              "--no-progress", "--batch-size", "4", "--top-k", "3", "--extent-images", "1"]  # fmt: skip
@@ -129,6 +137,29 @@ def test_fact_train_under_torchrun_selects_like_one_process(
     tb = load_file(tmp_path / "st2" / "stats_layer3.safetensors")
     assert torch.equal(ta["top_images"], tb["top_images"])
     torch.testing.assert_close(tb["frequency"], ta["frequency"])
+    for run in la["runs"]:  # the grid-split runs are single-process runs: same SAEs
+        wa = load_file(
+            tmp_path
+            / "one"
+            / "sweeps"
+            / "layer3"
+            / "runs"
+            / run["name"]
+            / "model"
+            / "model.safetensors"
+        )
+        wg = load_file(
+            tmp_path
+            / "grid"
+            / "sweeps"
+            / "layer3"
+            / "runs"
+            / run["name"]
+            / "model"
+            / "model.safetensors"
+        )
+        for key in wa:
+            torch.testing.assert_close(wg[key], wa[key], rtol=1e-4, atol=1e-5)
     files = sorted(
         p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "model").rglob("*.safetensors")
     )

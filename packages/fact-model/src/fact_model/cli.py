@@ -188,6 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ),
         sae_batch_size=args.sae_batch_size,
         image_batch_size=args.batch_size,
+        parallel=args.parallel,
     )
     _, report = train_fact(
         backbone, data, args.layer, args.out, grids=grids, settings=settings, dataset_name=args.dataset,
@@ -664,6 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bf16 autocast for the SAE encoder matmul and the backbone during extraction "
         "(explanations and evaluation stay float32)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["data", "grid"],
+        default="data",
+        help="under torchrun: train each SAE run data-parallel on all ranks (data), or one "
+        "grid point per rank (grid: better for sweeps when reading features is the limit)",
     )
     p.add_argument("--samples-per-image", type=int, default=None)
     p.add_argument("--budget-gb", type=float, default=170.0)

@@ -84,6 +84,9 @@ class TrainSettings:
     sae_batch_size: int = 32786
     image_batch_size: int = 64
     top: int = 2
+    parallel: str = "data"
+    """Under ``torchrun``: ``"data"`` (each SAE run data-parallel) or ``"grid"`` (one grid point
+    per rank); see :func:`~fact_model.training.train_layer`."""
 
 
 def train_fact(
@@ -121,7 +124,7 @@ def train_fact(
             backbone, fs, out / "sweeps" / layer, settings.sae, heldout_dataset=dataset,
             k=grid.k, n_latents=grid.n_latents, lr=grid.lr, top=settings.top,
             sae_batch_size=settings.sae_batch_size, image_batch_size=settings.image_batch_size,
-            device=device, progress=progress,
+            device=device, progress=progress, parallel=settings.parallel,
         )  # fmt: skip
         saes[layer] = trained.sae
         report["layers"][layer] = {

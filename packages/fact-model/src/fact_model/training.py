@@ -45,7 +45,8 @@ class HeldoutScorer:
             (otherwise they are recomputed for every SAE).
 
     Under ``torchrun`` each rank scores a contiguous share of the images and the hits are
-    summed, so every rank gets the accuracy of the whole held-out set.
+    summed, so every rank gets the accuracy of the whole held-out set; ``distributed=False``
+    scores every image in this process (a sweep split by grid point).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class HeldoutScorer:
         device: Any = None,
         cache_bytes: int = 4 << 30,
         progress: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         if isinstance(backbone, FaCT):
             backbone = backbone.backbone_module()
@@ -67,7 +69,8 @@ class HeldoutScorer:
         self.chain = ForwardChain(self.backbone)
         self.chain.index(layer)
         indices = list(indices)
-        if dist.is_distributed():
+        self.distributed = dist.is_distributed() if distributed is None else bool(distributed)
+        if self.distributed:
             indices = indices[dist.rank_slice(len(indices))]
         self.loader = image_loader(dataset, batch_size=batch_size, indices=indices)
         self.device = device
@@ -108,7 +111,7 @@ class HeldoutScorer:
             logits = self.chain.tail(self.layer, f)
             hits += int((logits.argmax(1).cpu() == labels).sum())
             n += len(labels)
-        if dist.is_distributed():
+        if self.distributed:
             hits, n = (int(v) for v in dist.all_reduce_sum(torch.tensor([hits, n])).tolist())
         if n == 0:
             raise ValueError("no held-out image could be scored")
@@ -147,12 +150,15 @@ def train_layer(
     image_batch_size: int = 64,
     device: Any = None,
     progress: bool = True,
+    parallel: str = "data",
 ) -> LayerTraining:
     """Sweep SAEs on ``features`` and select by held-out FaCT accuracy (App. A).
 
     ``heldout_dataset``: the dataset the feature set was extracted from (its held-out images,
     ``features.heldout_indices``, are scored). ``base_config``: every training setting except
-    the swept ``k``, ``n_latents`` and ``lr``.
+    the swept ``k``, ``n_latents`` and ``lr``. ``parallel``: under ``torchrun``, ``"data"``
+    trains each run data-parallel on all ranks, ``"grid"`` one grid point per rank
+    (:func:`topk_sae.sweep.sweep`).
     """
     layer = features.provenance["layer"]
     if not features.heldout_indices:
@@ -168,6 +174,7 @@ def train_layer(
         batch_size=image_batch_size,
         device=device,
         progress=progress,
+        distributed=False if parallel == "grid" else None,
     )
     bcos_acc = scorer.accuracy(None)
     source = features.train.source(sae_batch_size, seed=base_config.seed)
@@ -186,6 +193,7 @@ def train_layer(
         tolerance=tolerance,
         top=top,
         progress=progress,
+        parallel=parallel,  # type: ignore[arg-type]
     )
     ranked = sorted(
         (r for rs in result.best_per_k.values() for r in rs),

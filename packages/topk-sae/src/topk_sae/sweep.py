@@ -157,6 +157,7 @@ def sweep(
     eval_batch_size: int = 4096,
     retry_failed: bool = False,
     progress: bool = True,
+    parallel: Literal["data", "grid"] = "data",
 ) -> SweepResult:
     """Train and score every point of the grid ``k x n_latents x lr``; see the module docstring.
 
@@ -174,7 +175,16 @@ def sweep(
         retry_failed: train again the runs recorded as failed (diverged); by default they are
             kept as failed.
         progress: show a tqdm bar over the grid.
+        parallel: under ``torchrun``, ``"data"`` trains every run data-parallel on all ranks;
+            ``"grid"`` gives each rank its own grid points (point i to rank i mod W), trained
+            and scored in that process alone, then gathers the results -- W runs at once, which
+            scales better than one data-parallel run when reading the features is the limit.
+            ``score_fn`` must then not use collectives. Without a process group both are the
+            single-process sweep.
     """
+    if parallel not in ("data", "grid"):
+        raise ValueError(f"parallel must be 'data' or 'grid', got {parallel!r}")
+    by_grid = parallel == "grid" and dist.is_distributed()
     ks = _positive_ints("k", k)
     ns = _positive_ints("n_latents", n_latents)
     lrs = [float(v) for v in lr]
@@ -209,7 +219,7 @@ def sweep(
         runs = [RunResult(**recorded[n]) for n in names if n in recorded]
         best = select_best(runs, tolerance=tolerance, top=top)
         front = pareto_front(runs)
-        if dist.rank() != 0:  # under torchrun every rank sweeps together; rank 0 writes
+        if dist.rank() != 0:  # under torchrun rank 0 writes (the merged record, by grid point)
             return runs
         atomic_write_json(
             results_path,
@@ -227,16 +237,22 @@ def sweep(
         )
         return runs
 
-    for (kk, nn, rate), name in zip(
-        tqdm(grid, desc="sweep", disable=not progress or dist.rank() != 0), names, strict=True
+    for i, ((kk, nn, rate), name) in enumerate(
+        zip(tqdm(grid, desc="sweep", disable=not progress or dist.rank() != 0), names, strict=True)
     ):
+        if by_grid and i % dist.world_size() != dist.rank():
+            continue  # another rank's grid point
         done = recorded.get(name)
         if done is not None and (done["error"] is None or not retry_failed):
             continue
         run_dir = root / "runs" / name
-        config = dataclasses.replace(base_config, k=kk, n_latents=nn, lr=rate)
+        config = dataclasses.replace(
+            base_config, k=kk, n_latents=nn, lr=rate, progress=base_config.progress and not by_grid
+        )
         try:
-            trained = train(config, source, out_dir=run_dir, resume=True)
+            # one grid point per rank: train it in this process alone
+            alone: dict[str, Any] = {"data_parallel": False} if by_grid else {}
+            trained = train(config, source, out_dir=run_dir, resume=True, **alone)
         except TrainingDivergedError as err:
             nan = math.nan
             recorded[name] = RunResult(
@@ -249,6 +265,7 @@ def sweep(
             heldout,
             batch_size=eval_batch_size,
             always_active_threshold=base_config.always_active_threshold,
+            distributed=False if by_grid else None,
         )
         if score_fn is None:
             score = metrics.explained_variance
@@ -268,7 +285,11 @@ def sweep(
         )._asdict()
         save()
 
+    if by_grid:  # every rank's runs, merged in grid order on every rank
+        for theirs in dist.all_gather_object(recorded):
+            recorded.update(theirs)
     runs = save()
+    dist.barrier()
     return SweepResult(
         runs=runs,
         best_per_k=select_best(runs, tolerance=tolerance, top=top),

@@ -406,6 +406,7 @@ def train(
     out_dir: str | Path,
     resume: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    data_parallel: bool | None = None,
 ) -> TrainResult:
     """Train a bias-free TopK SAE on ``source``; checkpoints and the final model go to ``out_dir``.
 
@@ -420,19 +421,24 @@ def train(
     every rank with the same config, source and ``out_dir`` (a directory every rank can read;
     rank 0 writes it): each rank trains on its part of every batch and the result equals the
     single-process run up to float32 reduction order. ``config.device="cuda"`` then means
-    ``cuda:LOCAL_RANK``.
+    ``cuda:LOCAL_RANK``. ``data_parallel=False`` trains in this process alone even inside a
+    process group (one run per rank, e.g. a sweep split by grid point); ``None``: data-parallel
+    whenever a process group of several ranks is active.
     """
     cfg = config
     _validate_source(cfg, source)
     device = _resolve_device(cfg)
-    distributed = dist.is_distributed()
-    is_main = dist.rank() == 0
+    distributed = dist.is_distributed() if data_parallel is None else bool(data_parallel)
+    if distributed and not dist.is_distributed():
+        raise ValueError("data_parallel=True needs an initialised process group of > 1 ranks")
+    is_main = dist.rank() == 0 or not distributed
+    sync = dist.barrier if distributed else (lambda: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
     if not resume and is_main:
         ckpts.clear()
-    dist.barrier()
+    sync()
     d_in = source.d_in
     steps_per_epoch = len(source)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -552,7 +558,7 @@ def train(
             epoch_fires.zero_()
             epoch_rows, epoch_l0_sum = 0, 0.0
 
-        dist.barrier()  # every rank has read the checkpoint before rank 0 may write the next
+        sync()  # every rank has read the checkpoint before rank 0 may write the next
         bar = tqdm(
             total=total_steps,
             initial=step,
@@ -608,7 +614,8 @@ def train(
                         counts = torch.bincount(fired_idx, minlength=cfg.n_latents)
                     else:
                         counts = torch.zeros_like(epoch_fires)
-                    counts = dist.all_reduce_sum(counts)
+                    if distributed:
+                        counts = dist.all_reduce_sum(counts)
                     num_dead = int(dead_n.sum()) if cfg.auxk_coef > 0 else 0
                     tokens_since_fired += n_global
                     tokens_since_fired[counts > 0] = 0
@@ -677,5 +684,5 @@ def train(
                 {"history": history, "epoch_stats": epoch_stats, "input_stats": input_stats}
             ),
         )
-    dist.barrier()  # the model directory is complete before any rank reads it
+    sync()  # the model directory is complete before any rank reads it
     return TrainResult(model, history, epoch_stats, input_stats, model_dir)
