@@ -438,6 +438,7 @@ def test_a_checkpoint_with_python_objects_is_refused_with_the_conversion_recipe(
     msg = str(err.value)
     assert "torch.load(" in msg and "trust" in msg and "safe_globals" in msg
     assert "weights_only=False" not in msg  # never advise plain unpickling
+    assert "map_location='cpu', weights_only=True)" in msg
     assert "_Hparams" in msg  # torch's own message names the class to allowlist
     assert "torch.save(ckpt['state_dict']" in msg
     # following the recipe (still weights_only=True) gives a file that loads

@@ -403,8 +403,8 @@ def _conversion_recipe(path: Path) -> str:
     return (
         "if it is a LoftUp training checkpoint from a source you trust, extract its tensors "
         "once in Python, allowlisting only the classes torch names below: "
-        "with torch.serialization.safe_globals([TheClass, ...]): ckpt = torch.load("
-        f"{str(path)!r}, map_location='cpu', weights_only=True); "
+        "with torch.serialization.safe_globals([TheClass, ...]): "
+        f"ckpt = torch.load({str(path)!r}, map_location='cpu', weights_only=True); "
         "torch.save(ckpt['state_dict'], 'loftup.bin') -- and pass loftup.bin (its upsampler.* / "
         "model.1.* keys are converted on loading)"
     )
