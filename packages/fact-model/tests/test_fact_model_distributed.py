@@ -138,26 +138,8 @@ def test_fact_train_under_torchrun_selects_like_one_process(
     assert torch.equal(ta["top_images"], tb["top_images"])
     torch.testing.assert_close(tb["frequency"], ta["frequency"])
     for run in la["runs"]:  # the grid-split runs are single-process runs: same SAEs
-        wa = load_file(
-            tmp_path
-            / "one"
-            / "sweeps"
-            / "layer3"
-            / "runs"
-            / run["name"]
-            / "model"
-            / "model.safetensors"
-        )
-        wg = load_file(
-            tmp_path
-            / "grid"
-            / "sweeps"
-            / "layer3"
-            / "runs"
-            / run["name"]
-            / "model"
-            / "model.safetensors"
-        )
+        sae = Path("sweeps") / "layer3" / "runs" / run["name"] / "model" / "model.safetensors"
+        wa, wg = load_file(tmp_path / "one" / sae), load_file(tmp_path / "grid" / sae)
         for key in wa:
             torch.testing.assert_close(wg[key], wa[key], rtol=1e-4, atol=1e-5)
     files = sorted(

@@ -299,11 +299,19 @@ def clip_embeddings(
         _normalise(_image_features(model, processor, images[i : i + batch_size], dev))
         for i in range(0, images.shape[0], batch_size)
     ]
-    txt = [
-        _normalise(_text_features(model, processor, words[i : i + batch_size], dev))
-        for i in range(0, len(words), batch_size)
-    ]
-    return torch.cat(img), torch.cat(txt)
+    return torch.cat(img), _word_embeddings(model, processor, words, batch_size, dev)
+
+
+def _word_embeddings(
+    model: Any, processor: Any, words: list[str], batch_size: int, dev: Any
+) -> Tensor:
+    """(V, D) L2-normalised text embeddings of ``words``, ``batch_size`` at a time."""
+    return torch.cat(
+        [
+            _normalise(_text_features(model, processor, words[i : i + batch_size], dev))
+            for i in range(0, len(words), batch_size)
+        ]
+    )
 
 
 def name_concepts(
@@ -331,12 +339,7 @@ def name_concepts(
 
     words = _check_words(words)
     dev = _model_device(clip_model, device)
-    txt = torch.cat(
-        [
-            _normalise(_text_features(clip_model, clip_processor, words[i : i + batch_size], dev))
-            for i in range(0, len(words), batch_size)
-        ]
-    )
+    txt = _word_embeddings(clip_model, clip_processor, words, batch_size, dev)
     pres, img = [], []
     log = SkipLog()
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)
