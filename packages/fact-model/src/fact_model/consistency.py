@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import c2score
 import concept_deletion
 from fact_model.concepts import LayerConcepts
-from fact_model.data import IndexedImages, SkipLog, image_loader, iterate
+from fact_model.data import IndexedImages, SkipLog, image_loader, iterate, rank_share
 from topk_sae import distributed as dist
 
 __all__ = ["AttributionMaps", "ModelImages", "c2_inputs", "c2_score", "deletion"]
@@ -93,10 +93,9 @@ def c2_inputs(
     Under ``torchrun`` each rank computes the presences of a contiguous share of the images and
     the shares are gathered in rank order: every rank gets the table of one process.
     """
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    everything = indices
-    if dist.is_distributed():
-        indices = indices[dist.rank_slice(len(indices))]
+    everything = list(range(len(dataset))) if indices is None else list(indices)
+    indices = rank_share(dataset, everything)
+    assert indices is not None
     rows, cols, vals, labels, kept = [], [], [], [], []
     log = SkipLog()
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)

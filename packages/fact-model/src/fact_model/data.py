@@ -195,6 +195,17 @@ def default_workers() -> int:
     return n
 
 
+def rank_share(dataset: IndexedImages, indices: Sequence[int] | None) -> list[int] | None:
+    """This rank's contiguous share of ``indices`` (default: every image) under ``torchrun``;
+    ``indices`` unchanged in one process. The shares concatenate, in rank order, to the whole."""
+    from topk_sae import distributed as dist
+
+    if not dist.is_distributed():
+        return indices if indices is None else list(indices)
+    everything = list(range(len(dataset))) if indices is None else list(indices)
+    return everything[dist.rank_slice(len(everything))]
+
+
 def image_loader(
     dataset: IndexedImages,
     *,

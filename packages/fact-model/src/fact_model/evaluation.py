@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fact_model.data import IndexedImages, SkipLog, image_loader, iterate
+from fact_model.data import IndexedImages, SkipLog, image_loader, iterate, rank_share
 from fact_model.explain import concept_contributions, concepts_to_cover
 from fact_model.model import FaCT
 from topk_sae import distributed as dist
@@ -82,10 +82,8 @@ def evaluate(
     of the whole set.
     """
     layers = list(model.layers if layers is None else layers)
-    if dist.is_distributed():
-        everything = list(range(len(dataset))) if indices is None else list(indices)
-        indices = everything[dist.rank_slice(len(everything))]
-        progress = progress and dist.rank() == 0
+    indices = rank_share(dataset, indices)
+    progress = progress and dist.rank() == 0
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)
     log = SkipLog()
     n = 0

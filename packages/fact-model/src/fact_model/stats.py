@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fact_model.concepts import LayerConcepts
-from fact_model.data import IndexedImages, SkipLog, image_loader, iterate
+from fact_model.data import IndexedImages, SkipLog, image_loader, iterate, rank_share
 from topk_sae import distributed as dist
 
 __all__ = ["ConceptStats", "TopK", "concept_statistics", "pixels_to_cover", "spatial_extent"]
@@ -257,9 +257,7 @@ def concept_statistics(
     mass = torch.zeros(n, n_classes, dtype=torch.float64)
     seen = 0
     log = SkipLog()
-    if dist.is_distributed():
-        everything = list(range(len(dataset))) if indices is None else list(indices)
-        indices = everything[dist.rank_slice(len(everything))]
+    indices = rank_share(dataset, indices)
     show = progress and dist.rank() == 0
     loader = image_loader(dataset, batch_size=batch_size, indices=indices)
     for batch in tqdm(
