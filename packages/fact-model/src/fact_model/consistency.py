@@ -93,8 +93,7 @@ def c2_inputs(
     Under ``torchrun`` each rank computes the presences of a contiguous share of the images and
     the shares are gathered in rank order: every rank gets the table of one process.
     """
-    everything = list(range(len(dataset))) if indices is None else list(indices)
-    indices = rank_share(dataset, everything)
+    indices = rank_share(dataset, list(range(len(dataset))) if indices is None else indices)
     assert indices is not None
     rows, cols, vals, labels, kept = [], [], [], [], []
     log = SkipLog()
@@ -113,7 +112,7 @@ def c2_inputs(
         vals.append(p[r, c])
         kept += batch.indices.tolist()
         labels.append(batch.labels)
-    if dist.is_distributed() and len(indices) != len(everything):
+    if dist.is_distributed():  # every rank gathers, even one whose share is everything
         rows, cols, vals, labels, kept, log = _gather_shares(rows, cols, vals, labels, kept, log)
     if log.total:
         import warnings
